@@ -1,0 +1,424 @@
+"""Model registry: small Fashion-MNIST reference CNNs and torchvision architectures.
+
+The reference CNNs are trained locally (see :mod:`pipeline.train`); the
+torchvision architectures are always built with ``weights=None`` and filled
+from a user-supplied weights file, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODEL_NAMES",
+    "REFERENCE_MODELS",
+    "TORCHVISION_MODELS",
+    "BasicBlock",
+    "ResNetFMNIST",
+    "VGGFMNIST",
+    "build_model",
+    "load_weights",
+    "model_input_shape",
+    "read_state_dict",
+]
+
+_STATE_DICT_NESTING_KEYS = ("state_dict", "model")
+_PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+_MAX_LISTED = 5
+
+
+# --------------------------------------------------------------------------- #
+# Reference CNNs for Fashion-MNIST (input (B, 1, 28, 28), 10 classes)
+# --------------------------------------------------------------------------- #
+def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int) -> list[nn.Module]:
+    # Bias is redundant in front of BatchNorm.
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN layers plus a shortcut.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channel counts.
+    stride : int, default 1
+        Stride of the first conv; a 1x1 conv-BN projection shortcut is used
+        whenever the shape changes.
+
+    Notes
+    -----
+    Input ``(B, in_channels, H, W)`` -> output
+    ``(B, out_channels, ceil(H / stride), ceil(W / stride))``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(in_channels, out_channels, 3, stride)
+        self.conv2, self.bn2 = _conv_bn(out_channels, out_channels, 3, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetFMNIST(nn.Module):
+    """CIFAR-style ResNet sized for 28x28 grayscale images.
+
+    A 3x3 stem conv at full resolution, then one stage of
+    :class:`BasicBlock` per entry of ``widths``; every stage downsamples by 2
+    (28 -> 14 -> 7 -> 4), which keeps CPU training to seconds per epoch while
+    all but the first stage run at >= 64 channels.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Output logits.
+    in_channels : int, default 1
+        Input channels.
+    widths : sequence of int, default (32, 64, 128)
+        Channels of each stage (the stem uses ``widths[0]``).
+    blocks : sequence of int, default (1, 1, 2)
+        Basic blocks per stage.
+
+    Notes
+    -----
+    Input ``(B, in_channels, 28, 28)`` -> logits ``(B, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128),
+        blocks: Sequence[int] = (1, 1, 2),
+    ):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(in_channels, widths[0], 3, 1), nn.ReLU(inplace=True))
+        stages, channels = [], widths[0]
+        for width, count in zip(widths, blocks, strict=True):
+            stage = [BasicBlock(channels, width, stride=2)]
+            stage += [BasicBlock(width, width) for _ in range(count - 1)]
+            stages.append(nn.Sequential(*stage))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stages(self.stem(x))
+        return self.fc(torch.flatten(self.pool(features), 1))
+
+
+class VGGFMNIST(nn.Module):
+    """VGG-style CNN for 28x28 grayscale images.
+
+    3x3 conv-BN-ReLU stacks separated by 2x2 max-pools, then a classifier
+    with one hidden linear layer. Pooling right after the cheap first conv
+    keeps the expensive >= 64-channel convs at 14x14 and 7x7.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Output logits.
+    in_channels : int, default 1
+        Input channels.
+    stages : sequence of sequence of int, default ((32,), (64, 64), (128, 128))
+        Conv widths of each stage; each stage ends with a 2x2 max-pool
+        (28 -> 14 -> 7 -> 3).
+    hidden : int, default 256
+        Width of the hidden classifier layer.
+    dropout : float, default 0.3
+        Dropout before the output layer.
+
+    Notes
+    -----
+    Input ``(B, in_channels, 28, 28)`` -> logits ``(B, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        stages: Sequence[Sequence[int]] = ((32,), (64, 64), (128, 128)),
+        hidden: int = 256,
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, side = in_channels, 28
+        for widths in stages:
+            for width in widths:
+                layers += [*_conv_bn(channels, width, 3, 1), nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# --------------------------------------------------------------------------- #
+# Registry
+# --------------------------------------------------------------------------- #
+def _torchvision_builder(arch: str, **extra: object) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from torchvision import models
+
+        return getattr(models, arch)(weights=None, num_classes=num_classes, **extra)
+
+    return build
+
+
+REFERENCE_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet-fmnist": lambda num_classes: ResNetFMNIST(num_classes=num_classes),
+    "vgg-fmnist": lambda num_classes: VGGFMNIST(num_classes=num_classes),
+}
+TORCHVISION_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet18": _torchvision_builder("resnet18"),
+    "resnet50": _torchvision_builder("resnet50"),
+    "googlenet": _torchvision_builder("googlenet", aux_logits=False, init_weights=False),
+    "vgg16": _torchvision_builder("vgg16"),
+    "alexnet": _torchvision_builder("alexnet"),
+    "mobilenet_v2": _torchvision_builder("mobilenet_v2"),
+}
+MODEL_NAMES = tuple(REFERENCE_MODELS) + tuple(TORCHVISION_MODELS)
+
+
+def model_input_shape(name: str) -> tuple[int, int, int]:
+    """Expected ``(C, H, W)`` of one input image for a registered model.
+
+    Parameters
+    ----------
+    name : str
+        Registered model name.
+
+    Returns
+    -------
+    tuple of int
+        ``(1, 28, 28)`` for the Fashion-MNIST references, ``(3, 224, 224)``
+        for torchvision architectures.
+    """
+    _check_name(name)
+    return (1, 28, 28) if name in REFERENCE_MODELS else (3, 224, 224)
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Build a registered architecture, optionally loading weights.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES`.
+    num_classes : int, default 10
+        Size of the output layer.
+    weights : path or state dict, optional
+        ``.safetensors`` file, PyTorch state-dict file (see
+        :func:`read_state_dict`) or an in-memory state dict. ``None`` keeps
+        the random initialization; nothing is ever downloaded.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, on CPU, in training mode.
+
+    Raises
+    ------
+    ValueError
+        Unknown name, or weights that do not fit the architecture.
+    FileNotFoundError
+        If the weights file does not exist.
+    """
+    _check_name(name)
+    builders = REFERENCE_MODELS if name in REFERENCE_MODELS else TORCHVISION_MODELS
+    model = builders[name](num_classes)
+    if weights is not None:
+        load_weights(model, weights, arch=name)
+    return model
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+
+
+# --------------------------------------------------------------------------- #
+# Weights IO
+# --------------------------------------------------------------------------- #
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    if path.suffix in _TORCH_SUFFIXES:
+        return False
+    # safetensors files start with an 8-byte header length followed by JSON.
+    with open(path, "rb") as handle:
+        return handle.read(9)[8:9] == b"{"
+
+
+def _read_raw(path: Path) -> object:
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _unnest(obj: object, path: Path) -> dict[str, object]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"weights file {path} holds a {type(obj).__name__}, not a state dict; save "
+            "`model.state_dict()` (torch.save or safetensors) instead."
+        )
+    for key in _STATE_DICT_NESTING_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            return dict(obj[key])
+    return dict(obj)
+
+
+def _strip_prefixes(state: Mapping[str, object]) -> dict[str, object]:
+    # Checkpoints saved from DataParallel / torch.compile wrappers carry these prefixes.
+    stripped = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES_TO_STRIP:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        stripped[key] = value
+    return stripped
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` or PyTorch file.
+
+    PyTorch files are read with ``torch.load(weights_only=True)`` (no
+    arbitrary code execution). A dict nesting the state dict under
+    ``"state_dict"`` or ``"model"`` is unwrapped, and ``"module."`` /
+    ``"_orig_mod."`` key prefixes are stripped.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Weights file.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        Parameter/buffer name -> CPU tensor.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file cannot be parsed or does not contain a state dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; check the --weights path.")
+    try:
+        raw = _read_raw(path)
+    except Exception as exc:  # safetensors/pickle raise assorted types for corrupt files
+        raise ValueError(
+            f"could not read weights file {path}: {type(exc).__name__}: {exc}. Expected a "
+            "`.safetensors` file or a `torch.save`d state dict; the file may be truncated."
+        ) from exc
+    state = _strip_prefixes(_unnest(raw, path))
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"weights file {path} has non-tensor entries {_first(not_tensors)}; expected a "
+            "state dict of tensors (optionally nested under 'state_dict' or 'model')."
+        )
+    return state  # type: ignore[return-value]
+
+
+def _first(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def _fit_problems(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {_first(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches {_first(mismatched)}")
+    return problems
+
+
+def load_weights(
+    model: nn.Module,
+    weights: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+) -> nn.Module:
+    """Load weights into ``model`` strictly, with a readable error on mismatch.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Target model (modified in place).
+    weights : path or state dict
+        Weights file (see :func:`read_state_dict`) or in-memory state dict.
+    arch : str, optional
+        Architecture name, used only in error messages.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        If keys are missing/unexpected or shapes differ; the message lists the
+        first few of each and names the architecture and file.
+    """
+    if isinstance(weights, Mapping):
+        state, source = _strip_prefixes(weights), "the given state dict"
+    else:
+        state, source = read_state_dict(weights), f"file {Path(weights)}"
+    problems = _fit_problems(model, state)  # type: ignore[arg-type]
+    if problems:
+        name = arch or type(model).__name__
+        raise ValueError(
+            f"weights in {source} do not fit architecture {name!r}: {'; '.join(problems)}. "
+            "Check that the model name and --num-classes match the checkpoint."
+        )
+    model.load_state_dict(state, strict=True)
+    return model

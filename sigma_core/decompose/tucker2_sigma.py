@@ -1,0 +1,361 @@
+"""Tucker2-ALS-Sigma: Tucker-2 of a conv kernel under the Sigma norm (paper Algorithm 2, solved as in design.md).
+
+Objective (paper Eq. 4 / Prop. 1): ``f = ||(K1 - K~1) L||_F^2 = tr((K1 - K~1) Sigma (K1 - K~1)^T)`` with
+``K~1 = U_T G1 M^T``, ``M = U_S kron I_P`` (P = H*W). Two exact block minimizations alternate:
+
+* Step A -- best (U_T, G) jointly for fixed U_S, in closed form: with ``A = M^T Sigma M = C C^T`` and
+  ``Y = K1 Sigma M C^{-T} = U s V^T``, take ``U_T = U[:, :R_T]``, ``G1 = s_R V_R^T C^{-1}``; then
+  ``f = ||K1 L||^2 - sum_{i <= R_T} s_i^2``.
+* Step B -- best U_S for fixed (U_T, G): the linear least-squares problem with normal equations
+  ``sum_a mat(Sigma vec(U_S G_a)) G_a^T = sum_a mat((U_T^T K1 Sigma)_a) G_a^T`` (U_T orthonormal), solved
+  directly for small layers or by CG preconditioned with a Kronecker fit ``Sigma ~ Sigma_S kron Sigma_P``.
+
+Both are exact block minimizations (CG from a warm start also never increases a convex quadratic), so the
+error never increases across sweeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sigma_core.covariance import validate_sigma
+from sigma_core.decompose._result import Tucker2Result
+from sigma_core.ranks import validate_tucker2_ranks
+
+__all__ = ["Tucker2SigmaConfig", "tucker2_als_sigma", "kronecker_fit"]
+
+METHOD = "tucker2-als-sigma"
+
+
+@dataclass(frozen=True)
+class Tucker2SigmaConfig:
+    """Solver settings for :func:`tucker2_als_sigma`.
+
+    Attributes
+    ----------
+    max_iter : int
+        Maximum number of sweeps (one sweep = Step B then Step A).
+    tol : float
+        Stop when the relative decrease of rel_sigma_err over a sweep falls below ``tol``.
+    solver : str
+        Step B solver: ``"direct"`` (Cholesky of the (S R_S)^2 normal matrix), ``"cg"`` (preconditioned CG with
+        a structured mat-vec), or ``"auto"`` (direct when ``S * R_S <= direct_max_unknowns``).
+    cg_steps : int or None
+        Inexact mode: a fixed number of CG steps per sweep (still monotone). ``None`` solves to ``cg_tol``.
+    cg_tol : float
+        Relative residual at which CG stops (exact mode).
+    cg_maxiter : int
+        Cap on CG iterations per sweep (exact mode).
+    direct_max_unknowns : int
+        Threshold of the ``"auto"`` solver choice.
+    init : str
+        ``"svd"`` (leading left singular vectors of the mode-2 unfolding of K) or ``"random"``.
+    ridge : float
+        ``ridge * mean(diag(Sigma))`` is added to Sigma's diagonal so that rank-deficient Sigma (dead ReLU
+        channels) keeps every system positive definite; 1e-10 changes errors only at that relative level.
+    kron_iters : int
+        Flip-flop iterations of the Kronecker preconditioner fit.
+    """
+
+    max_iter: int = 100
+    tol: float = 1e-6
+    solver: str = "auto"
+    cg_steps: int | None = None
+    cg_tol: float = 1e-8
+    cg_maxiter: int = 1000
+    direct_max_unknowns: int = 1024
+    init: str = "svd"
+    ridge: float = 1e-10
+    kron_iters: int = 20
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("auto", "direct", "cg"):
+            raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {self.solver!r}")
+        if self.init not in ("svd", "random"):
+            raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
+        if self.max_iter < 0 or self.tol < 0 or self.cg_maxiter < 1 or self.kron_iters < 1:
+            raise ValueError("max_iter and tol must be >= 0, cg_maxiter and kron_iters >= 1")
+        if self.cg_steps is not None and self.cg_steps < 1:
+            raise ValueError(f"cg_steps must be None or >= 1, got {self.cg_steps}")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Per-layer constants: computed once, used by every sweep."""
+
+    k1: torch.Tensor  # (T, n)
+    sigma: torch.Tensor  # (n, n), ridge added
+    ksig: torch.Tensor  # (T, n) = K1 Sigma
+    knorm2: float  # ||K1 L||_F^2
+    shape: tuple[int, int, int, int]  # (T, S, H, W)
+
+    @property
+    def sp(self) -> tuple[int, int]:
+        _, s, h, w = self.shape
+        return s, h * w
+
+
+def _prepare(kernel: torch.Tensor, sigma: torch.Tensor, ridge: float, dtype: torch.dtype) -> _Layer:
+    t, s, h, w = kernel.shape
+    k1 = kernel.detach().to(device=sigma.device, dtype=dtype).reshape(t, s * h * w)
+    sig = sigma.to(dtype)
+    sig = sig + ridge * float(sig.diagonal().mean()) * torch.eye(sig.shape[0], dtype=dtype, device=sig.device)
+    ksig = k1 @ sig
+    return _Layer(k1, sig, ksig, float((ksig * k1).sum()), (t, s, h, w))
+
+
+def _init_u_s(kernel: torch.Tensor, r_s: int, init: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Initial input factor (S, R_S) with orthonormal columns."""
+    t, s, h, w = kernel.shape
+    if init == "svd":
+        mode2 = kernel.transpose(0, 1).reshape(s, t * h * w)
+        u, _, _ = torch.linalg.svd(mode2, full_matrices=False)
+        return u[:, :r_s].contiguous()
+    g = torch.randn(s, r_s, generator=generator, dtype=kernel.dtype, device="cpu").to(kernel.device)
+    return torch.linalg.qr(g).Q
+
+
+def _chol_psd(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a PSD matrix, with the smallest jitter (1e-14.. relative) that makes it succeed."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    eps = 1e-14 * float(a.diagonal().mean().abs()) + 1e-300
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    while int(info) != 0:
+        factor, info = torch.linalg.cholesky_ex(a + eps * eye)
+        eps *= 10.0
+    return factor
+
+
+def _step_a(layer: _Layer, u_s: torch.Tensor, r_t: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Jointly optimal (U_T, G) for fixed U_S (design.md Step A).
+
+    Returns
+    -------
+    u_t : (T, R_T), orthonormal columns
+    core : (R_T, R_S, P)
+    f : float
+        ``||K1 L||^2 - sum_{i<=R_T} s_i^2``, the squared Sigma-norm error of the returned pair.
+    """
+    t = layer.shape[0]
+    s, p = layer.sp
+    r_s = u_s.shape[1]
+    rsp = r_s * p
+    # M^T Sigma, rows (b, q): contract Sigma's first s-index with U_S -- Sigma is symmetric, so this is (Sigma M)^T.
+    mts = (u_s.T @ layer.sigma.reshape(s, p * s * p)).reshape(rsp, s, p)
+    a = torch.einsum("xsp,sc->xcp", mts, u_s).reshape(rsp, rsp)
+    a = 0.5 * (a + a.T)
+    ksm = torch.einsum("tsp,sb->tbp", layer.ksig.reshape(t, s, p), u_s).reshape(t, rsp)
+    c = _chol_psd(a)
+    y = torch.linalg.solve_triangular(c, ksm.T, upper=False).T  # K1 Sigma M C^{-T}
+    u, sv, vh = torch.linalg.svd(y, full_matrices=False)
+    u_t = u[:, :r_t]
+    svh = sv[:r_t, None] * vh[:r_t]  # s_R V_R^T
+    g1 = torch.linalg.solve_triangular(c.T, svh.T, upper=True).T  # s_R V_R^T C^{-1}
+    f = layer.knorm2 - float((sv[:r_t] ** 2).sum())
+    return u_t.contiguous(), g1.reshape(r_t, r_s, p), max(f, 0.0)
+
+
+def _step_b_rhs(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """Right-hand side ``sum_a mat((U_T^T K1 Sigma)_a) G_a^T``, shape (S, R_S)."""
+    s, p = layer.sp
+    z = (u_t.T @ layer.ksig).reshape(-1, s, p)
+    return torch.einsum("asp,abp->sb", z, core)
+
+
+def _step_b_matvec(layer: _Layer, core: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Normal operator ``U -> sum_a mat(Sigma vec(U G_a)) G_a^T``: ~2 R_T n^2 flops, Sigma never reshaped."""
+    s, p = layer.sp
+    v = torch.einsum("sb,abp->asp", u, core).reshape(core.shape[0], s * p)
+    w = (v @ layer.sigma).reshape(-1, s, p)
+    return torch.einsum("asp,abp->sb", w, core)
+
+
+def _step_b_direct(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """Exact U_S by Cholesky of the explicit (S R_S)^2 normal matrix (small layers)."""
+    s, p = layer.sp
+    r_s = core.shape[1]
+    f = torch.einsum("abp,acq->bpcq", core, core)
+    normal = torch.einsum("spSq,bpcq->sbSc", layer.sigma.reshape(s, p, s, p), f).reshape(s * r_s, s * r_s)
+    normal = 0.5 * (normal + normal.T)
+    rhs = _step_b_rhs(layer, u_t, core).reshape(-1, 1)
+    return torch.cholesky_solve(rhs, _chol_psd(normal)).reshape(s, r_s)
+
+
+def kronecker_fit(sigma: torch.Tensor, s: int, p: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum-likelihood Kronecker fit ``Sigma ~ Sigma_S kron Sigma_P`` by the flip-flop iteration.
+
+    ``Sigma_S = (1/P) sum_{pp'} (Sigma_P^{-1})_{p'p} Sigma_{pp'}`` and symmetrically (design.md, Step B).
+
+    Parameters
+    ----------
+    sigma : torch.Tensor, shape (S*P, S*P)
+        Positive definite, rows ordered (s, p).
+
+    Returns
+    -------
+    sigma_s : (S, S)
+    sigma_p : (P, P)
+    """
+    sig4 = sigma.reshape(s, p, s, p)
+    sigma_p = torch.eye(p, dtype=sigma.dtype, device=sigma.device)
+    sigma_s = torch.eye(s, dtype=sigma.dtype, device=sigma.device)
+    for _ in range(iters):
+        sigma_s = torch.einsum("spSq,qp->sS", sig4, torch.cholesky_inverse(_chol_psd(sigma_p))) / p
+        sigma_p = torch.einsum("spSq,Ss->pq", sig4, torch.cholesky_inverse(_chol_psd(sigma_s))) / s
+    return 0.5 * (sigma_s + sigma_s.T), 0.5 * (sigma_p + sigma_p.T)
+
+
+class _KronPreconditioner:
+    """Applies ``(Sigma_S kron F~)^{-1}``, ``F~ = sum_a G_a Sigma_P G_a^T``: two Cholesky solves per call."""
+
+    def __init__(self, chol_s: torch.Tensor, sigma_p: torch.Tensor, core: torch.Tensor):
+        f_tilde = torch.einsum("abp,pq,acq->bc", core, sigma_p, core)
+        self.chol_s = chol_s
+        self.chol_f = _chol_psd(0.5 * (f_tilde + f_tilde.T))
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        x = torch.cholesky_solve(r, self.chol_s)
+        return torch.cholesky_solve(x.T, self.chol_f).T
+
+
+def _pcg(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    precond: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    tol: float,
+    maxiter: int,
+) -> tuple[torch.Tensor, int]:
+    """Preconditioned CG on matrices (the unknown is U_S, (S, R_S)); returns (x, iterations)."""
+    x = x0.clone()
+    r = rhs - matvec(x)
+    z = precond(r)
+    d = z.clone()
+    rz = float((r * z).sum())
+    stop = tol * float(rhs.norm())
+    for it in range(maxiter):
+        if float(r.norm()) <= stop or rz <= 0:
+            return x, it
+        ad = matvec(d)
+        dad = float((d * ad).sum())
+        if dad <= 0:  # direction of zero curvature: nothing left to gain
+            return x, it
+        alpha = rz / dad
+        x.add_(d, alpha=alpha)
+        r.sub_(ad, alpha=alpha)
+        z = precond(r)
+        rz_new = float((r * z).sum())
+        d = z + (rz_new / rz) * d
+        rz = rz_new
+    return x, maxiter
+
+
+def _rel(f: float, layer: _Layer) -> float:
+    return (f / layer.knorm2) ** 0.5 if layer.knorm2 > 0 else 0.0
+
+
+def tucker2_als_sigma(
+    kernel: torch.Tensor,
+    sigma: torch.Tensor,
+    ranks: tuple[int, int],
+    *,
+    config: Tucker2SigmaConfig = Tucker2SigmaConfig(),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    callback: Callable[[int, float, dict], None] | None = None,
+) -> Tucker2Result:
+    """Tucker-2 decomposition minimizing ``||(K - K~)_(1) Sigma^{1/2}||_F`` (paper Algorithm 2).
+
+    Parameters
+    ----------
+    kernel : torch.Tensor, shape (T, S, H, W)
+        Conv kernel in PyTorch layout.
+    sigma : torch.Tensor, shape (S*H*W, S*H*W)
+        Uncentered second moment of the layer's input patches (see ``sigma_core.covariance``); its device
+        is where the computation runs.
+    ranks : (R_T, R_S)
+        1 <= R_T <= T, 1 <= R_S <= S.
+    config : Tucker2SigmaConfig
+    generator : torch.Generator, optional
+        Used by ``init="random"``.
+    dtype : torch.dtype
+        Working precision (float64 recommended: Sigma can be ill-conditioned).
+    callback : callable, optional
+        ``callback(sweep, rel_sigma_err, info)`` after the initial Step A (sweep 0) and after every sweep.
+
+    Returns
+    -------
+    Tucker2Result
+        ``errors`` holds rel_sigma_err after the initial Step A and after each sweep (non-increasing);
+        ``info`` has per-sweep CG iterations and seconds, the solver used and the ridge.
+    """
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
+        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
+    t, s, h, w = kernel.shape
+    validate_tucker2_ranks(tuple(kernel.shape), ranks)
+    validate_sigma(sigma, s * h * w)
+    r_t, r_s = int(ranks[0]), int(ranks[1])
+    start = time.perf_counter()
+    layer = _prepare(kernel, sigma, config.ridge, dtype)
+    solver = config.solver
+    if solver == "auto":
+        solver = "direct" if s * r_s <= config.direct_max_unknowns else "cg"
+    chol_s = sigma_p = None
+    if solver == "cg":
+        sigma_s, sigma_p = kronecker_fit(layer.sigma, s, h * w, config.kron_iters)
+        chol_s = _chol_psd(sigma_s)
+
+    u_s = _init_u_s(layer.k1.reshape(t, s, h, w), r_s, config.init, generator)
+    u_t, core, f = _step_a(layer, u_s, r_t)
+    errors = [_rel(f, layer)]
+    info: dict = {"solver": solver, "ridge": config.ridge, "cg_iters": [], "sweep_seconds": [],
+                  "setup_seconds": time.perf_counter() - start}
+    if callback is not None:
+        callback(0, errors[-1], info)
+    converged = False
+    for sweep in range(1, config.max_iter + 1):
+        tic = time.perf_counter()
+        if solver == "direct":
+            new_u_s, iters = _step_b_direct(layer, u_t, core), 0
+        else:
+            pre = _KronPreconditioner(chol_s, sigma_p, core)
+            new_u_s, iters = _pcg(
+                lambda x: _step_b_matvec(layer, core, x), pre, _step_b_rhs(layer, u_t, core), u_s,
+                tol=config.cg_tol if config.cg_steps is None else 0.0,
+                maxiter=config.cg_maxiter if config.cg_steps is None else config.cg_steps,
+            )
+        # Step A only sees span(U_S): re-orthonormalize for conditioning, the error is unchanged.
+        new_u_s = torch.linalg.qr(new_u_s).Q
+        new_u_t, new_core, new_f = _step_a(layer, new_u_s, r_t)
+        info["cg_iters"].append(iters)
+        info["sweep_seconds"].append(time.perf_counter() - tic)
+        if new_f > f * (1 + 1e-12) + 1e-300:
+            # Only rounding can get here (both steps are exact minimizations): keep the better iterate.
+            converged = True
+            break
+        decrease = (errors[-1] - _rel(new_f, layer)) / max(errors[-1], 1e-300)
+        u_s, u_t, core, f = new_u_s, new_u_t, new_core, new_f
+        errors.append(_rel(f, layer))
+        if callback is not None:
+            callback(sweep, errors[-1], info)
+        if decrease < config.tol:
+            converged = True
+            break
+    info["seconds"] = time.perf_counter() - start
+    out_dtype = kernel.dtype if kernel.dtype.is_floating_point else dtype
+    return Tucker2Result(
+        core=core.reshape(r_t, r_s, h, w).to(device=kernel.device, dtype=out_dtype),
+        u_t=u_t.to(device=kernel.device, dtype=out_dtype),
+        u_s=u_s.to(device=kernel.device, dtype=out_dtype),
+        ranks=(r_t, r_s),
+        errors=tuple(errors),
+        converged=converged,
+        method=METHOD,
+        metric="rel_sigma_err",
+        info=info,
+    )

@@ -1,0 +1,333 @@
+"""Factorized layers built from decomposition results.
+
+``Tucker2Conv`` replaces a dense conv by three convs (Kim et al. 2016; paper Sec. 3.2),
+``LowRankLinear`` replaces a dense linear layer by two (paper App. E). Each is built from the original
+layer plus the factors, reproduces the dense layer with the reconstructed weight exactly (up to float
+rounding), and can be rebuilt empty from its JSON-able :meth:`spec` before loading a state dict.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from sigma_core.decompose._result import Tucker2Result
+
+__all__ = ["Tucker2Conv", "LowRankLinear", "module_from_spec"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _pair(value: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
+    if _is_int(value):
+        return (int(value), int(value))  # type: ignore[arg-type]
+    items = tuple(value)  # type: ignore[arg-type]
+    if len(items) != 2 or not all(_is_int(v) for v in items):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return (int(items[0]), int(items[1]))
+
+
+def _padding_arg(padding: int | str | tuple[int, ...] | list[int]) -> str | tuple[int, int]:
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+        return padding
+    return _pair(padding, "padding")
+
+
+def _to_json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class Tucker2Conv(nn.Module):
+    """Tucker-2 factorized 2-D convolution (paper Sec. 3.2, Kim et al. 2016).
+
+    ``x -> conv1x1(U_S^T) -> conv_HxW(G, original stride/padding/dilation) -> conv1x1(U_T) + bias``,
+    which equals the dense conv with kernel ``K~ = G x_1 U_T x_2 U_S`` of shape (T, S, H, W).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``S`` and ``T`` of the original conv.
+    kernel_size : int or tuple of int
+        ``(H, W)``.
+    ranks : tuple of int
+        ``(R_T, R_S)`` with ``1 <= R_T <= T`` and ``1 <= R_S <= S``.
+    stride, padding, dilation, padding_mode
+        As in :class:`torch.nn.Conv2d`; applied by the core conv only.
+    bias : bool
+        Whether the last 1x1 conv carries the original bias.
+    device, dtype : optional
+        Where and how the (uninitialized) weights are allocated.
+
+    Attributes
+    ----------
+    in_proj : nn.Conv2d
+        1x1, S -> R_S, no bias, weight (R_S, S, 1, 1) = ``U_S^T``.
+    core : nn.Conv2d
+        HxW, R_S -> R_T, no bias, weight (R_T, R_S, H, W) = ``G``.
+    out_proj : nn.Conv2d
+        1x1, R_T -> T, weight (T, R_T, 1, 1) = ``U_T``, bias = original bias.
+
+    Notes
+    -----
+    Every padding mode of the original conv is exact here, although the core conv pads the projected
+    input rather than the input: a 1x1 conv without bias acts on each pixel by the same linear map,
+    so it commutes with padding that copies pixels (reflect, replicate, circular) and with zero padding
+    (it maps 0 to 0). That is why ``in_proj`` must not have a bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 ranks: tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                 padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        r_t, r_s = _check_ranks(ranks, out_channels, in_channels)
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.ranks = (r_t, r_s)
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding_arg(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        factory = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Conv2d(in_channels, r_s, 1, bias=False, **factory)
+        self.core = nn.Conv2d(r_s, r_t, self.kernel_size, stride=self.stride, padding=self.padding,
+                              dilation=self.dilation, padding_mode=padding_mode, bias=False, **factory)
+        self.out_proj = nn.Conv2d(r_t, out_channels, 1, bias=bias, **factory)
+
+    @classmethod
+    def empty(cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+              ranks: tuple[int, int], stride: int | tuple[int, int] = 1,
+              padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+              padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> "Tucker2Conv":
+        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
+        return cls(in_channels, out_channels, kernel_size, ranks, stride=stride, padding=padding,
+                   dilation=dilation, padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_result(cls, conv: nn.Conv2d, result: Tucker2Result) -> "Tucker2Conv":
+        """Build the factorized replacement of ``conv`` from a Tucker-2 result.
+
+        Parameters
+        ----------
+        conv : nn.Conv2d
+            The original conv, ``groups == 1``, weight (T, S, H, W). Its stride, padding, dilation,
+            padding mode and bias are carried over.
+        result : Tucker2Result
+            Factors with ``result.kernel_shape == conv.weight.shape``. They are cast to the conv
+            weight's dtype and device (solvers typically return float64).
+
+        Returns
+        -------
+        Tucker2Conv
+            Module on the conv's device and dtype, in the conv's training mode.
+        """
+        _check_tucker2_source(conv, result)
+        weight = conv.weight
+        module = cls.empty(conv.in_channels, conv.out_channels, conv.kernel_size, result.ranks,
+                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                           padding_mode=conv.padding_mode, bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        cast = {"device": weight.device, "dtype": weight.dtype}
+        with torch.no_grad():
+            module.in_proj.weight.copy_(result.u_s.detach().to(**cast).T[:, :, None, None])
+            module.core.weight.copy_(result.core.detach().to(**cast))
+            module.out_proj.weight.copy_(result.u_t.detach().to(**cast)[:, :, None, None])
+            if conv.bias is not None:
+                module.out_proj.bias.copy_(conv.bias.detach())
+        return module.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the three convs; ``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
+        return self.out_proj(self.core(self.in_proj(x)))
+
+    def reconstructed_kernel(self) -> torch.Tensor:
+        """Dense kernel ``K~[t,s,h,w] = sum_ab G[a,b,h,w] U_T[t,a] U_S[s,b]``, shape (T, S, H, W)."""
+        u_s_t = self.in_proj.weight[:, :, 0, 0]
+        u_t = self.out_proj.weight[:, :, 0, 0]
+        return torch.einsum("abhw,ta,bs->tshw", self.core.weight, u_t, u_s_t)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
+        return {
+            "type": type(self).__name__,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": _to_json(self.kernel_size),
+            "ranks": _to_json(self.ranks),
+            "stride": _to_json(self.stride),
+            "padding": _to_json(self.padding),
+            "dilation": _to_json(self.dilation),
+            "padding_mode": self.padding_mode,
+            "bias": self.out_proj.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}"
+
+
+def _check_ranks(ranks: tuple[int, int] | list[int], t: int, s: int) -> tuple[int, int]:
+    pair = tuple(ranks)
+    if len(pair) != 2 or not all(_is_int(r) for r in pair):
+        raise ValueError(f"ranks must be a pair of ints (R_T, R_S), got {ranks!r}")
+    r_t, r_s = int(pair[0]), int(pair[1])
+    pair = (r_t, r_s)
+    if not (1 <= r_t <= t and 1 <= r_s <= s):
+        raise ValueError(f"ranks (R_T, R_S)={pair} must satisfy 1 <= R_T <= T={t} and 1 <= R_S <= S={s}")
+    return r_t, r_s
+
+
+def _check_tucker2_source(conv: nn.Module, result: Tucker2Result) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"Tucker2Conv.from_result needs an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"Tucker2Conv does not apply to grouped/depthwise convs (groups={conv.groups}): its kernel "
+            f"{tuple(conv.weight.shape)} does not mix all input channels, so a channel factorization over "
+            f"(T, S) is not defined; leave this layer out of the plan")
+    if not isinstance(result, Tucker2Result):
+        raise ValueError(f"result must be a Tucker2Result, got {type(result).__name__}")
+    if tuple(result.kernel_shape) != tuple(conv.weight.shape):
+        raise ValueError(f"result kernel shape {tuple(result.kernel_shape)} does not match the conv weight shape "
+                         f"{tuple(conv.weight.shape)}; decompose this layer's own kernel")
+    if not conv.weight.is_floating_point():
+        raise ValueError(f"conv weight must be floating point, got {conv.weight.dtype}")
+
+
+class LowRankLinear(nn.Module):
+    """Rank-``r`` factorized linear layer ``Linear(in -> r, no bias) -> Linear(r -> out, bias)`` (paper App. E).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Sizes of the original layer.
+    rank : int
+        ``r >= 1``.
+    bias : bool
+        Whether ``second`` carries the original bias.
+    device, dtype : optional
+        Where and how the (uninitialized) weights are allocated.
+
+    Attributes
+    ----------
+    first : nn.Linear
+        Weight (r, in).
+    second : nn.Linear
+        Weight (out, r), bias (out,).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        rank = int(rank)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.rank = rank
+        factory = {"device": device, "dtype": dtype}
+        self.first = nn.Linear(in_features, rank, bias=False, **factory)
+        self.second = nn.Linear(rank, out_features, bias=bias, **factory)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool = True,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
+        return cls(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(cls, linear: nn.Linear, first_weight: torch.Tensor,
+                     second_weight: torch.Tensor) -> "LowRankLinear":
+        """Build the replacement of ``linear`` with ``W~ = second_weight @ first_weight``.
+
+        Parameters
+        ----------
+        linear : nn.Linear
+            Original layer, weight (out, in); its bias is carried over.
+        first_weight : torch.Tensor, shape (r, in)
+        second_weight : torch.Tensor, shape (out, r)
+            Cast to the linear weight's dtype and device.
+        """
+        _check_linear_factors(linear, first_weight, second_weight)
+        weight = linear.weight
+        module = cls.empty(linear.in_features, linear.out_features, first_weight.shape[0],
+                           bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        cast = {"device": weight.device, "dtype": weight.dtype}
+        with torch.no_grad():
+            module.first.weight.copy_(first_weight.detach().to(**cast))
+            module.second.weight.copy_(second_weight.detach().to(**cast))
+            if linear.bias is not None:
+                module.second.bias.copy_(linear.bias.detach())
+        return module.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., in) -> (..., out)."""
+        return self.second(self.first(x))
+
+    def reconstructed_weight(self) -> torch.Tensor:
+        """Dense weight ``second.weight @ first.weight``, shape (out, in)."""
+        return self.second.weight @ self.first.weight
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.second.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}"
+
+
+def _check_linear_factors(linear: nn.Module, first: torch.Tensor, second: torch.Tensor) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"LowRankLinear.from_factors needs an nn.Linear, got {type(linear).__name__}")
+    out_f, in_f = linear.weight.shape
+    if first.dim() != 2 or second.dim() != 2 or first.shape[1] != in_f or second.shape[0] != out_f \
+            or first.shape[0] != second.shape[1]:
+        raise ValueError(f"factors must be first (r, in={in_f}) and second (out={out_f}, r) with the same r; "
+                         f"got first {tuple(first.shape)}, second {tuple(second.shape)}")
+
+
+def _spec_types() -> dict[str, type[nn.Module]]:
+    return {"Tucker2Conv": Tucker2Conv, "LowRankLinear": LowRankLinear}
+
+
+def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild an empty factorized module from its :meth:`spec` dict (weights to be loaded after).
+
+    Parameters
+    ----------
+    spec : dict
+        Output of ``Tucker2Conv.spec()`` or ``LowRankLinear.spec()`` (possibly after a JSON round trip).
+    device, dtype : optional
+        Allocation of the weights; use the dtype of the state dict you will load.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``"type"`` or arguments that do not fit the type's constructor.
+    """
+    types = _spec_types()
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"spec must be a dict with a 'type' key (one of {sorted(types)}), got {spec!r}")
+    kind = spec["type"]
+    if kind not in types:
+        raise ValueError(f"unknown layer type {kind!r} in spec; known types: {sorted(types)}")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "type"}
+    try:
+        return types[kind].empty(**args, device=device, dtype=dtype)  # type: ignore[attr-defined]
+    except TypeError as exc:
+        raise ValueError(f"spec arguments {sorted(args)} do not fit {kind}.empty: {exc}") from exc

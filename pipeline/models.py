@@ -92,7 +92,7 @@ class ResNetFMNIST(nn.Module):
         Input channels.
     widths : sequence of int, default (32, 64, 128)
         Channels of each stage (the stem uses ``widths[0]``).
-    blocks : sequence of int, default (1, 1, 2)
+    blocks : sequence of int, default (1, 1, 1)
         Basic blocks per stage.
 
     Notes
@@ -105,7 +105,7 @@ class ResNetFMNIST(nn.Module):
         num_classes: int = 10,
         in_channels: int = 1,
         widths: Sequence[int] = (32, 64, 128),
-        blocks: Sequence[int] = (1, 1, 2),
+        blocks: Sequence[int] = (1, 1, 1),
     ):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(in_channels, widths[0], 3, 1), nn.ReLU(inplace=True))
@@ -256,10 +256,22 @@ def build_model(
         If the weights file does not exist.
     """
     _check_name(name)
-    builders = REFERENCE_MODELS if name in REFERENCE_MODELS else TORCHVISION_MODELS
-    model = builders[name](num_classes)
-    if weights is not None:
-        load_weights(model, weights, arch=name)
+    builder = {**REFERENCE_MODELS, **TORCHVISION_MODELS}[name]
+    if weights is None:
+        return builder(num_classes)
+    state, source = _resolve_state(weights)
+    # Random initialization is wasted work when weights follow (seconds for
+    # vgg16), so the skeleton is built on the meta device and the loaded
+    # tensors are assigned into it.
+    with torch.device("meta"):
+        model = builder(num_classes)
+    _raise_if_unfit(model, state, name, source)
+    expected = model.state_dict()
+    state = {key: value.to(expected[key].dtype) for key, value in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if _has_meta_tensors(model):
+        # Non-persistent buffers are absent from state dicts; build them for real.
+        model = load_weights(builder(num_classes), state, arch=name)
     return model
 
 
@@ -285,7 +297,9 @@ def _read_raw(path: Path) -> object:
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        # load_file returns views of a memory-mapped file; a later in-place
+        # overwrite of that file (e.g. `cp`) would then crash with SIGBUS.
+        return {key: value.clone() for key, value in load_file(str(path), device="cpu").items()}
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
@@ -409,16 +423,30 @@ def load_weights(
         If keys are missing/unexpected or shapes differ; the message lists the
         first few of each and names the architecture and file.
     """
-    if isinstance(weights, Mapping):
-        state, source = _strip_prefixes(weights), "the given state dict"
-    else:
-        state, source = read_state_dict(weights), f"file {Path(weights)}"
-    problems = _fit_problems(model, state)  # type: ignore[arg-type]
-    if problems:
-        name = arch or type(model).__name__
-        raise ValueError(
-            f"weights in {source} do not fit architecture {name!r}: {'; '.join(problems)}. "
-            "Check that the model name and --num-classes match the checkpoint."
-        )
+    state, source = _resolve_state(weights)
+    _raise_if_unfit(model, state, arch or type(model).__name__, source)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _resolve_state(
+    weights: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Return ``(state dict, description of its source for error messages)``."""
+    if isinstance(weights, Mapping):
+        return _strip_prefixes(weights), "the given state dict"  # type: ignore[return-value]
+    return read_state_dict(weights), f"file {Path(weights).expanduser()}"
+
+
+def _raise_if_unfit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
+    problems = _fit_problems(model, state)
+    if problems:
+        raise ValueError(
+            f"weights in {source} do not fit architecture {arch!r}: {'; '.join(problems)}. "
+            "Check that the model name and --num-classes match the checkpoint."
+        )
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return any(tensor.is_meta for tensor in tensors)

@@ -79,6 +79,11 @@ class Tucker2SigmaConfig:
             raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
         if self.max_iter < 0 or self.tol < 0 or self.cg_maxiter < 1 or self.kron_iters < 1:
             raise ValueError("max_iter and tol must be >= 0, cg_maxiter and kron_iters >= 1")
+        if not (self.ridge >= 0 and self.cg_tol >= 0):  # also rejects NaN
+            raise ValueError(
+                f"ridge and cg_tol must be >= 0, got ridge={self.ridge}, cg_tol={self.cg_tol} "
+                "(a negative ridge makes Sigma indefinite and the reported errors meaningless)"
+            )
         if self.cg_steps is not None and self.cg_steps < 1:
             raise ValueError(f"cg_steps must be None or >= 1, got {self.cg_steps}")
 
@@ -151,9 +156,13 @@ def _step_a(layer: _Layer, u_s: torch.Tensor, r_t: int) -> tuple[torch.Tensor, t
     ksm = torch.einsum("tsp,sb->tbp", layer.ksig.reshape(t, s, p), u_s).reshape(t, rsp)
     c = _chol_psd(a)
     y = torch.linalg.solve_triangular(c, ksm.T, upper=False).T  # K1 Sigma M C^{-T}
-    u, sv, vh = torch.linalg.svd(y, full_matrices=False)
+    # R_T > R_S*P (e.g. 1x1 convs with R_T > R_S): K~1 has rank <= R_S*P, so U_T is completed by any orthonormal
+    # columns (full U of the SVD) whose core rows are zero.
+    u, sv, vh = torch.linalg.svd(y, full_matrices=r_t > min(y.shape))
     u_t = u[:, :r_t]
-    svh = sv[:r_t, None] * vh[:r_t]  # s_R V_R^T
+    svh = sv[:r_t, None] * vh[: sv.shape[0]][:r_t]  # s_R V_R^T
+    if svh.shape[0] < r_t:
+        svh = torch.cat([svh, svh.new_zeros(r_t - svh.shape[0], rsp)])
     g1 = torch.linalg.solve_triangular(c.T, svh.T, upper=True).T  # s_R V_R^T C^{-1}
     f = layer.knorm2 - float((sv[:r_t] ** 2).sum())
     return u_t.contiguous(), g1.reshape(r_t, r_s, p), max(f, 0.0)

@@ -1,0 +1,340 @@
+"""Tucker2-ALS-Sigma vs tensorly's Frobenius ``partial_tucker`` on real-activation Sigma.
+
+    python benchmarks/bench_tucker2.py [--device cpu|cuda] [--quick] [--images N] [--time-scale X]
+
+Sigma comes from REAL activations: torchvision ``resnet18(weights=None)`` (random init, seed 0; nothing is
+downloaded) on real Fashion-MNIST training images (grey -> 3 channels, resized, normalized), accumulated with
+``sigma_core.accumulate_sigma`` for layer{1,2,3,4}.0.conv2 (3x3 convs with 64/128/256/512 channels). Those
+layers' own kernels are decomposed at ranks (T/2, S/2) and (T/4, S/4).
+
+Sections (stdout; progress on stderr):
+  1. Sigma sources: patches, jitter/method of factor_sigma, eigenvalue range.
+  2. One table: per (kernel, ranks), rows for partial_tucker (tol 1e-4 = tensorly default; tol 1e-8) and
+     Tucker2-ALS-Sigma (exact PCG; inexact PCG with 10 steps per sweep) with timings, errors and ratios.
+  3. Ill-conditioned Sigma (cond >= 1e7) on the (128, 128, 3, 3) kernel: Sigma solver error history.
+  4. Step B solver "direct" vs "cg" (the "auto" threshold direct_max_unknowns=1024).
+Not a pytest test.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no spin-waiting BLAS threads
+
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    base_parser, batches, load_fashion_mnist, log, machine_header, setup, sync, table,
+)
+
+from sigma_core import (  # noqa: E402
+    Tucker2SigmaConfig, accumulate_sigma, factor_sigma, rel_frob_err, rel_sigma_err, tucker2_als, tucker2_als_sigma,
+)
+
+LAYERS = {64: "layer1.0.conv2", 128: "layer2.0.conv2", 256: "layer3.0.conv2", 512: "layer4.0.conv2"}
+WITHIN = 0.01  # "time to reach within 1 % of the converged rel_sigma_err"
+# Wall-clock cap per Tucker2-ALS-Sigma run (CPU seconds at --time-scale 1), by channel count.
+CAPS = {64: 15.0, 128: 30.0, 256: 60.0, 512: 60.0}
+
+
+class _TimeUp(Exception):
+    pass
+
+
+@dataclass
+class SigmaRun:
+    """History of one tucker2_als_sigma run, recorded by its callback."""
+
+    label: str
+    times: list[float] = field(default_factory=list)  # seconds since the call, at each recorded error
+    errors: list[float] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    capped: bool = False
+    converged: bool = False
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        return self.errors[-1]
+
+    def time_to(self, target: float) -> float | None:
+        for t, e in zip(self.times, self.errors):
+            if e <= target:
+                return t
+        return None
+
+    @property
+    def sweeps(self) -> int:
+        return len(self.errors) - 1
+
+    @property
+    def sweep_seconds(self) -> float | None:
+        s = self.info.get("sweep_seconds", [])[: self.sweeps]
+        return statistics.median(s) if s else None
+
+    @property
+    def cg_per_sweep(self) -> float | None:
+        c = self.info.get("cg_iters", [])[: self.sweeps]
+        return sum(c) / len(c) if c else None
+
+    def monotone(self) -> bool:
+        return all(b <= a * (1 + 1e-12) for a, b in zip(self.errors, self.errors[1:]))
+
+
+def run_sigma(label: str, kernel, sigma, ranks, config: Tucker2SigmaConfig, cap: float,
+              device: torch.device) -> SigmaRun:
+    """Run tucker2_als_sigma, recording (time, error) after the initial Step A and after every sweep.
+
+    Stops (by raising from the callback) once ``cap`` seconds have passed; the history so far is kept.
+    """
+    run = SigmaRun(label)
+    sync(device)
+    t0 = time.perf_counter()
+
+    def callback(sweep: int, err: float, info: dict) -> None:
+        sync(device)
+        now = time.perf_counter() - t0
+        run.times.append(now)
+        run.errors.append(err)
+        run.info = info
+        if now > cap and sweep < config.max_iter:
+            run.capped = True
+            raise _TimeUp
+
+    try:
+        res = tucker2_als_sigma(kernel, sigma, ranks, config=config, callback=callback)
+        run.converged = res.converged
+        run.info = res.info
+    except _TimeUp:
+        pass
+    sync(device)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_frobenius(kernel, sigma, ranks, tol: float, n_iter_max: int = 100, repeats: int = 1):
+    """tensorly partial_tucker (via sigma_core.tucker2_als); best-of-``repeats`` time, Sigma and Frobenius errors."""
+    best, res = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = tucker2_als(kernel.cpu(), ranks, tol=tol, n_iter_max=n_iter_max)
+        best = min(best, time.perf_counter() - t0)
+    approx = res.reconstruct().to(sigma.device)
+    return best, res, rel_sigma_err(kernel, approx, sigma), rel_frob_err(kernel.cpu(), res.reconstruct())
+
+
+# ----------------------------------------------------------------------------------------------- Sigma
+def collect_sigmas(channels: list[int], images: int, image_size: int, batch: int, device: torch.device):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).to(device).eval()
+    names = [LAYERS[c] for c in channels]
+    x = load_fashion_mnist(images, size=image_size)
+    sync(device)
+    t0 = time.perf_counter()
+    accs = accumulate_sigma(model, batches(x, batch), names, device=device, compute_dtype=torch.float64,
+                            callback=lambda seen: log(f"  Sigma: {seen}/{images} images") if seen % 500 == 0 else None)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    modules = dict(model.named_modules())
+    out = {}
+    for c, name in zip(channels, names):
+        acc = accs[name]
+        sigma = acc.finalize()
+        kernel = modules[name].weight.detach().to(torch.float64)
+        out[c] = (name, kernel, sigma, acc.count)
+    return out, seconds
+
+
+def respread_eigenvalues(sigma: torch.Tensor, cond: float) -> torch.Tensor:
+    """Same eigenvectors, eigenvalues replaced by a log-uniform spread over [lambda_max / cond, lambda_max]."""
+    evals, evecs = torch.linalg.eigh(sigma)
+    n = evals.shape[0]
+    new = float(evals[-1]) * torch.logspace(-math.log10(cond), 0.0, n, dtype=sigma.dtype, device=sigma.device)
+    out = (evecs * new) @ evecs.T
+    return 0.5 * (out + out.T)
+
+
+def fmt_t(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None, help="images for Sigma (default 2000; --quick 500)")
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="image side (128 -> conv2 inputs of 32/16/8/4 pixels for 64..512 channels)")
+    parser.add_argument("--batch", type=int, default=100, help="images per forward pass for Sigma")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies the per-run time caps")
+    parser.add_argument("--max-iter", type=int, default=200, help="sweep cap of the 'converged' Sigma runs")
+    args = parser.parse_args()
+    device = setup(args)
+    t_start = time.perf_counter()
+    channels = [64, 128, 256] if args.quick else [64, 128, 256, 512]
+    images = args.images or (500 if args.quick else 2000)
+    scale = args.time_scale * (0.5 if args.quick else 1.0)
+    caps = {c: CAPS[c] * scale for c in channels}
+
+    print(machine_header(device))
+    print(f"Sigma: resnet18(weights=None, seed 0) on {images} Fashion-MNIST train images, 3x{args.image_size}x"
+          f"{args.image_size}, accumulate_sigma float64; kernels = those layers' own weights (float64)")
+    print(f"Sigma runs: tol 1e-7, max_iter {args.max_iter}, wall-clock cap per run "
+          + ", ".join(f"{c}ch {caps[c]:.0f}s" for c in channels))
+    print()
+
+    # ---------------------------------------------------------------- 1. Sigma from real activations
+    log(f"accumulating Sigma over {images} images ...")
+    sigmas, sigma_seconds = collect_sigmas(channels, images, args.image_size, args.batch, device)
+    rows = []
+    for c in channels:
+        name, kernel, sigma, count = sigmas[c]
+        n = sigma.shape[0]
+        fac = factor_sigma(sigma)
+        ev = torch.linalg.eigvalsh(sigma)
+        rows.append([name, str(tuple(kernel.shape)), str(n), str(count), f"{count / n:.1f}", fac.method,
+                     f"{fac.jitter:.1e}" if fac.jitter else "0", f"{float(ev[-1]):.3g}", f"{float(ev[0]):.3g}",
+                     f"{float(ev[-1]) / max(float(ev[0]), 1e-300):.2g}"])
+    print(table(["layer", "kernel", "n", "patches", "patches/n", "factor", "jitter", "max eig", "min eig", "cond"],
+                rows, title=f"Sigma sources (accumulation of all layers in one pass: {sigma_seconds:.1f} s)"))
+    print()
+
+    # ---------------------------------------------------------------- 2. main comparison
+    main_rows = []
+    accept = None
+    for c in channels:
+        name, kernel, sigma, _ = sigmas[c]
+        kernel, sigma = kernel.to(device), sigma.to(device)
+        t, s = kernel.shape[:2]
+        for div in (2, 4):
+            ranks = (t // div, s // div)
+            tag = f"{tuple(kernel.shape)} R={ranks}"
+            log(f"{tag}: partial_tucker ...")
+            t_fd, r_fd, se_fd, fe_fd = run_frobenius(kernel, sigma, ranks, 1e-4, repeats=3 if c <= 128 else 1)
+            t_ft, r_ft, se_ft, fe_ft = run_frobenius(kernel, sigma, ranks, 1e-8, repeats=1)
+            runs = []
+            for label, cfg in (("exact PCG", Tucker2SigmaConfig(solver="cg", tol=1e-7, max_iter=args.max_iter)),
+                               ("PCG 10 steps", Tucker2SigmaConfig(solver="cg", cg_steps=10, tol=1e-7,
+                                                                   max_iter=args.max_iter))):
+                log(f"{tag}: Tucker2-ALS-Sigma {label} ...")
+                runs.append(run_sigma(label, kernel, sigma, ranks, cfg, caps[c], device))
+            ref = min(r.final for r in runs)  # "converged" error: the best either Sigma run reached
+            for lab, tt, res, se, fe in (("partial_tucker tol1e-4", t_fd, r_fd, se_fd, fe_fd),
+                                         ("partial_tucker tol1e-8", t_ft, r_ft, se_ft, fe_ft)):
+                main_rows.append([tag, lab, fmt_t(tt), "-", "-", str(res.info["iterations"]), "-", "-",
+                                  f"{se:.4f}", f"{fe:.4f}", f"{tt / t_fd:.2f}", f"{se / se_fd:.3f}", "-"])
+            for r in runs:
+                t1 = r.time_to(ref * (1 + WITHIN))
+                status = "capped" if r.capped else ("conv" if r.converged else "max_iter")
+                main_rows.append([tag, f"Sigma {r.label}", fmt_t(r.seconds), fmt_t(r.info.get("setup_seconds")),
+                                  fmt_t(r.sweep_seconds), f"{r.sweeps} {status}",
+                                  "-" if r.cg_per_sweep is None else f"{r.cg_per_sweep:.0f}", fmt_t(t1),
+                                  f"{r.final:.4f}", "-", "-" if t1 is None else f"{t1 / t_fd:.1f}",
+                                  f"{r.final / se_fd:.3f}", "yes" if r.monotone() else "NO"])
+                if c == 256 and div == 2:
+                    ok = t1 is not None and t1 <= 5 * t_fd and r.final < se_fd
+                    line = (f"  {r.label}: time-to-1% {fmt_t(t1)} s = "
+                            f"{'-' if t1 is None else f'{t1 / t_fd:.1f}'}x partial_tucker default ({t_fd:.3f} s); "
+                            f"rel_sigma_err {r.final:.4f} vs {se_fd:.4f} (ratio {r.final / se_fd:.3f}) -> "
+                            f"{'PASS' if ok else 'FAIL'}")
+                    accept = (accept or []) + [line]
+            main_rows.append(["", "", "", "", "", "", "", "", "", "", "", "", ""])
+    main_rows.pop()
+    print(table(["kernel, ranks", "method", "total s", "setup s", "s/sweep", "sweeps/iters", "CG it/sweep",
+                 "t->1% s", "rel_sigma_err", "rel_frob_err", "t/t(PT)", "err/err(PT)", "monotone"],
+                main_rows,
+                title="Tucker-2: tensorly partial_tucker (Frobenius) vs Tucker2-ALS-Sigma. t->1%: first time the "
+                      "run's rel_sigma_err <= 1.01 x the best error of the two Sigma runs; t/t(PT) and err/err(PT) "
+                      "are relative to partial_tucker with tensorly's default tol 1e-4 (for Sigma rows: t->1% / "
+                      "t(PT))"))
+    if accept:
+        print()
+        print("acceptance: (256,256,3,3) at ranks (128,128): Sigma reaches within 1% of its converged error in "
+              "<= 5x partial_tucker's default time, with lower rel_sigma_err")
+        for line in accept:
+            print(line)
+    print()
+
+    # ---------------------------------------------------------------- 3. ill-conditioned Sigma
+    name, kernel, sigma_real, _ = sigmas[128]
+    cond_target = 1e8
+    sigma_ill = respread_eigenvalues(sigma_real.to(device), cond_target)
+    kernel = kernel.to(device)
+    ev = torch.linalg.eigvalsh(sigma_ill)
+    fac = factor_sigma(sigma_ill)
+    ranks = (64, 64)
+    log("ill-conditioned case ...")
+    t_fd, _, se_fd, _ = run_frobenius(kernel, sigma_ill, ranks, 1e-4)
+    t_ft, _, se_ft, _ = run_frobenius(kernel, sigma_ill, ranks, 1e-8)
+    ill_cap = 90.0 * scale
+    ill_runs = [run_sigma(lab, kernel, sigma_ill, ranks, cfg, ill_cap, device) for lab, cfg in (
+        ("exact PCG", Tucker2SigmaConfig(solver="cg", tol=1e-7, max_iter=args.max_iter)),
+        ("PCG 10 steps", Tucker2SigmaConfig(solver="cg", cg_steps=10, tol=1e-7, max_iter=args.max_iter)))]
+    print(f"Ill-conditioned Sigma: {name}'s real Sigma (n=1152) with its eigenvalues re-spread log-uniformly over "
+          f"[max/{cond_target:.0e}, max]: cond {float(ev[-1]) / float(ev[0]):.2e}; factor_sigma {fac.method}, "
+          f"jitter {fac.jitter:.1e}; kernel {tuple(kernel.shape)}, ranks {ranks}")
+    print(f"partial_tucker tol 1e-4: {t_fd:.3f} s, rel_sigma_err {se_fd:.4f}; tol 1e-8: {t_ft:.3f} s, "
+          f"rel_sigma_err {se_ft:.4f}")
+    for r in ill_runs:
+        status = "capped" if r.capped else ("converged" if r.converged else "max_iter")
+        print(f"Sigma {r.label}: {r.sweeps} sweeps ({status}), {r.seconds:.1f} s, CG it/sweep "
+              f"{'-' if r.cg_per_sweep is None else f'{r.cg_per_sweep:.0f}'}, final rel_sigma_err {r.final:.4f} = "
+              f"{r.final / se_fd:.3f} x partial_tucker's; monotone non-increasing: {'yes' if r.monotone() else 'NO'}")
+    hist_rows = []
+    longest = max(len(r.errors) for r in ill_runs)
+    picks = sorted({i for i in range(longest) if i <= 10 or i % 10 == 0} | {len(r.errors) - 1 for r in ill_runs})
+    for i in picks:
+        row = [str(i)]
+        for r in ill_runs:
+            if i < len(r.errors):
+                row += [f"{r.times[i]:.2f}", f"{r.errors[i]:.5f}", f"{r.errors[i] / se_fd:.3f}"]
+            else:
+                row += ["", "", ""]
+        hist_rows.append(row)
+    heads = ["sweep"]
+    for r in ill_runs:
+        heads += [f"{r.label}: t s", "rel_sigma_err", "/ err(PT)"]
+    print(table(heads, hist_rows, title="Error history (sweep 0 = after the initial Step A)"))
+    print()
+
+    # ---------------------------------------------------------------- 4. direct vs cg
+    log("direct vs cg ...")
+    dc_rows = []
+    grid = [(64, r) for r in (8, 16, 24, 32, 48)] + ([] if args.quick else [(128, 8), (128, 16), (128, 32)])
+    for c, r in grid:
+        name, kernel, sigma, _ = sigmas[c]
+        kernel, sigma = kernel.to(device), sigma.to(device)
+        unknowns = c * r
+        auto = "direct" if unknowns <= Tucker2SigmaConfig().direct_max_unknowns else "cg"
+        pair = []
+        for solver in ("direct", "cg"):
+            cfg = Tucker2SigmaConfig(solver=solver, tol=1e-7, max_iter=50)
+            run = run_sigma(solver, kernel, sigma, (r, r), cfg, 20.0 * scale, device)
+            pair.append(run)
+        d, g = pair
+        k = min(len(d.errors), len(g.errors))
+        agree = max(abs(a - b) / b for a, b in zip(d.errors[:k], g.errors[:k]))
+        for run in pair:
+            dc_rows.append([f"({c},{c},3,3) R=({r},{r})", str(unknowns), auto, run.label,
+                            fmt_t(run.info.get("setup_seconds")), f"{1e3 * run.sweep_seconds:.1f}",
+                            f"{run.sweeps}{' capped' if run.capped else ''}",
+                            "-" if run.label == "direct" else f"{run.cg_per_sweep:.0f}", fmt_t(run.seconds),
+                            f"{run.final:.5f}", f"{d.sweep_seconds / g.sweep_seconds:.2f}", f"{agree:.1e}"])
+    print(table(["kernel, ranks", "S*R_S", "auto picks", "solver", "setup s", "ms/sweep", "sweeps", "CG it/sweep",
+                 "total s", "rel_sigma_err", "direct/cg per sweep", "max rel diff of histories"], dc_rows,
+                title="Step B solver: direct Cholesky of the (S R_S)^2 normal matrix vs PCG (exact), tol 1e-7, "
+                      "max_iter 50; 'auto' uses direct when S*R_S <= 1024"))
+    print()
+    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Command line: ``sigma-compress {train,compress,demo} ...`` (also ``python -m jobs.cli``).
+
+Parses flags into the frozen configs of ``pipeline`` and calls it; no algebra here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+DEMO_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ranks(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"ranks are R_T,R_S (two integers), got {text!r}")
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks are R_T,R_S (two integers), got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet-fmnist", help="resnet-fmnist, vgg-fmnist, or a torchvision arch")
+    p.add_argument("--weights", default=None, help="safetensors or state_dict file (required for torchvision archs)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST directory (default: Debian's)")
+    p.add_argument("--cache-dir", default="cache", help="trained models, Sigma cache, prepared datasets")
+    p.add_argument("--retrain", action="store_true", help="retrain a corrupt cached reference model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    _add_common(p)
+    p.add_argument("--sigma-dataset", default="fashion-mnist", help="fashion-mnist, digits or imagefolder")
+    p.add_argument("--sigma-root", default=None, help="root of the Sigma dataset (imagefolder)")
+    p.add_argument("--sigma-split", default="train")
+    p.add_argument("--sigma-image-size", type=int, default=None, help="resample Sigma images to this size")
+    p.add_argument("--resample", default="bilinear", choices=("bilinear", "bicubic"))
+    p.add_argument("-n", "--n-samples", type=int, default=2000, help="images used for Sigma")
+    p.add_argument("--sigma-seed", type=int, default=0)
+    p.add_argument("--centered", action="store_true", help="centered covariance instead of E[uu^T]")
+    p.add_argument("--eval-dataset", default="fashion-mnist")
+    p.add_argument("--eval-root", default=None)
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--methods", default="tucker2-als,tucker2-als-sigma" if demo else "tucker2-als-sigma")
+    p.add_argument("--alpha", type=_floats, default=DEMO_ALPHAS if demo else (0.8,),
+                   help="VBMF ratio(s) of paper Eq. 2, comma separated")
+    p.add_argument("--ranks", type=_ranks, default=None, help="explicit R_T,R_S for every layer")
+    p.add_argument("--fraction", type=float, default=None, help="ranks = fraction of each layer's channels")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: plan_layers' choice)")
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--cg-steps", type=int, default=None, help="inexact mode: CG steps per sweep")
+    p.add_argument("--output-dir", default="outputs/demo" if demo else "outputs/compress")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite in the output dir)")
+    p.add_argument("--experiment", default="sigma-compress")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-save-models", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigma-compress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (or load cached) reference CNNs on Fashion-MNIST")
+    _add_common(train)
+    train.add_argument("--epochs", type=int, default=None)
+    compress = sub.add_parser("compress", help="compress a model and print the accuracy/compression table")
+    _add_compress(compress, demo=False)
+    demo = sub.add_parser("demo", help="reference model, Sigma from 2,000 images, both methods at several alphas")
+    _add_compress(demo, demo=True)
+    return parser
+
+
+def _train_config(args):
+    from pipeline.train import TrainConfig
+
+    kwargs = {"model": args.model, "data_root": args.data_root}
+    if getattr(args, "epochs", None):
+        kwargs["epochs"] = args.epochs
+    return TrainConfig(**kwargs)
+
+
+def compress_config(args):
+    """Build a :class:`pipeline.runner.CompressConfig` from parsed flags."""
+    from pipeline.compress import SigmaSource
+    from pipeline.data import DatasetSpec
+    from pipeline.methods import SolverOptions
+    from pipeline.models import REFERENCE_MODELS
+    from pipeline.runner import CompressConfig
+
+    def root_for(name, root):
+        return root if root is not None else (args.data_root if name == "fashion-mnist" else None)
+
+    sigma = SigmaSource(
+        DatasetSpec(args.sigma_dataset, root_for(args.sigma_dataset, args.sigma_root), args.sigma_split,
+                    args.sigma_image_size, args.resample),
+        n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
+    )
+    return CompressConfig(
+        model=args.model, weights=args.weights, num_classes=args.num_classes,
+        train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,
+        sigma=sigma,
+        eval_dataset=DatasetSpec(args.eval_dataset, root_for(args.eval_dataset, args.eval_root), "test"),
+        eval_limit=args.eval_limit,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        alphas=args.alpha, ranks=args.ranks, fraction=args.fraction,
+        layers=tuple(x.strip() for x in args.layers.split(",")) if args.layers else None,
+        solver=SolverOptions(max_iter=args.max_iter, tol=args.tol, cg_steps=args.cg_steps),
+        device=args.device, output_dir=args.output_dir, cache_dir=args.cache_dir,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, track=not args.no_mlflow,
+        save_models=not args.no_save_models, retrain_corrupt=args.retrain, progress=not args.no_progress,
+    )
+
+
+def _cmd_train(args) -> int:
+    from pipeline.train import load_or_train_reference
+
+    names = [args.model] if args.model != "all" else ["resnet-fmnist", "vgg-fmnist"]
+    for name in names:
+        args.model = name
+        _, meta = load_or_train_reference(_train_config(args), Path(args.cache_dir) / "models",
+                                          retrain_corrupt=args.retrain, progress=not args.no_progress)
+        print(f"{name}: test top-1 {meta.get('test_top1', float('nan')):.2f}%  ({meta.get('weights_path', '')})")
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    import time
+
+    from pipeline.runner import run_compress
+
+    tic = time.perf_counter()
+    result = run_compress(compress_config(args))
+    print("\nPer-layer errors and timings:\n" + result["layer_table"])
+    layers = result["plan"]
+    skipped = [f"  {c['name']}: {c['reason']}" for c in layers if not c["selected"]]
+    if skipped:
+        print("\nLayers left dense:\n" + "\n".join(skipped))
+    print("\nAccuracy vs compression (no fine-tuning):\n" + result["table"])
+    print(f"\nwrote {result['markdown']}, {result['plot']} and MLflow runs "
+          f"({'Sigma from cache' if result['sigma_info'].get('cached') else 'Sigma computed'}); "
+          f"total {time.perf_counter() - tic:.0f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        return _cmd_compress(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

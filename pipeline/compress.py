@@ -1,0 +1,289 @@
+"""Compress a model: Sigma per layer -> ranks -> decomposition per layer -> swapped layers -> evaluation.
+
+This module adapts ``sigma_core`` to datasets, caches and files. The per-layer work is a plain function
+(:func:`decompose_layer`) so that the Ray pipeline can run it as a task unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline._io import atomic_save_safetensors, atomic_write_text
+from pipeline.data import DatasetSpec, get_dataset, make_loader, sample_subset
+from pipeline.evaluate import evaluate
+from pipeline.methods import SolverOptions, get_method
+from pipeline.models import build_model
+from pipeline.sigma_cache import SigmaCache, model_fingerprint, sigma_key
+from sigma_core import (
+    RankRule,
+    accumulate_sigma,
+    compression_rate,
+    count_macs,
+    count_params,
+    get_module,
+    module_from_spec,
+    plan_layers,
+    rel_frob_err,
+    rel_sigma_err,
+    replace_modules,
+)
+
+__all__ = [
+    "LayerOutcome",
+    "SigmaSource",
+    "compute_sigmas",
+    "decompose_layer",
+    "compress_model",
+    "model_stats",
+    "save_compressed",
+    "load_compressed",
+]
+
+
+@dataclass(frozen=True)
+class SigmaSource:
+    """Where Sigma comes from: a dataset view, how many images, which random subset."""
+
+    dataset: DatasetSpec
+    n_samples: int = 2000
+    seed: int = 0
+    centered: bool = False
+    batch_size: int = 250
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+
+    def identity(self) -> dict:
+        return {"dataset": self.dataset.identity(), "n": self.n_samples, "seed": self.seed,
+                "centered": self.centered}
+
+
+def compute_sigmas(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    source: SigmaSource,
+    *,
+    device: str = "cpu",
+    cache: SigmaCache | None = None,
+    data_cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Finalized Sigma (float64, CPU) of every layer in ``layer_names``, from the cache when possible.
+
+    Returns
+    -------
+    sigmas : dict of str to torch.Tensor (n, n)
+    info : dict
+        ``cached`` flag, cache key, seconds, number of images and patches per layer.
+    """
+    key = sigma_key(model_fingerprint(model), layer_names, source.dataset.identity(), source.n_samples,
+                    source.seed, source.centered)
+    if cache is not None:
+        hit = cache.load(key, layer_names)
+        if hit is not None:
+            return hit, {"cached": True, "key": key, "seconds": 0.0}
+    dataset = source.dataset.build(cache_dir=data_cache_dir)
+    subset = sample_subset(dataset, source.n_samples, source.seed)
+    loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
+    tic = time.perf_counter()
+    model = model.to(device)
+    with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
+        accs = accumulate_sigma(model, loader, layer_names, device=device,
+                                callback=lambda seen: bar.update(seen - bar.n))
+    sigmas = {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
+    info = {"cached": False, "key": key, "seconds": time.perf_counter() - tic, "images": source.n_samples,
+            "patches": {name: acc.count for name, acc in accs.items()}}
+    if cache is not None:
+        cache.save(key, sigmas, {"source": source.identity(), "layers": list(layer_names), **info})
+    return sigmas, info
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    """What happened to one layer: ranks, errors under both norms, time, or the error that stopped it."""
+
+    name: str
+    method: str
+    kernel_shape: tuple[int, ...]
+    ranks: tuple[int, ...] | None = None
+    rel_sigma_err: float | None = None
+    rel_frob_err: float | None = None
+    seconds: float = 0.0
+    iterations: int = 0
+    converged: bool | None = None
+    params_before: int = 0
+    params_after: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def decompose_layer(
+    name: str,
+    module: nn.Module,
+    sigma: torch.Tensor | None,
+    rule: RankRule,
+    method_name: str,
+    options: SolverOptions = SolverOptions(),
+    device: str = "cpu",
+) -> tuple[LayerOutcome, nn.Module | None]:
+    """Decompose one layer; never raises for a bad layer, the outcome carries the error instead.
+
+    Returns
+    -------
+    outcome : LayerOutcome
+    replacement : nn.Module or None
+        The factorized layer (on CPU, in the layer's dtype), None if it failed.
+    """
+    method = get_method(method_name)
+    weight = module.weight.detach().cpu()
+    base = LayerOutcome(name, method_name, tuple(weight.shape), params_before=count_params(module))
+    try:
+        if method.needs_sigma and sigma is None:
+            raise ValueError(f"method {method_name} needs Sigma for layer {name}")
+        ranks = rule.resolve(weight)
+        tic = time.perf_counter()
+        result = method.decompose(weight.to(torch.float64), sigma, ranks, options, device)
+        seconds = time.perf_counter() - tic
+        approx = result.reconstruct().cpu()
+        replacement = method.build(module.cpu(), result)
+    except Exception as exc:  # noqa: BLE001 -- one failing layer must not lose the others
+        return _with(base, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"), None
+    return _with(
+        base,
+        ranks=tuple(int(r) for r in result.ranks),
+        rel_sigma_err=rel_sigma_err(weight, approx, sigma) if sigma is not None else None,
+        rel_frob_err=rel_frob_err(weight, approx),
+        seconds=seconds,
+        iterations=max(len(result.errors) - 1, 0),
+        converged=bool(result.converged),
+        params_after=count_params(replacement),
+    ), replacement
+
+
+def _with(outcome: LayerOutcome, **changes) -> LayerOutcome:
+    return LayerOutcome(**{**asdict(outcome), **changes})
+
+
+def compress_model(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    sigmas: Mapping[str, torch.Tensor],
+    rule: RankRule,
+    method_name: str,
+    *,
+    options: SolverOptions = SolverOptions(),
+    device: str = "cpu",
+    progress: bool = True,
+    callback: Callable[[LayerOutcome], None] | None = None,
+) -> tuple[nn.Module, list[LayerOutcome]]:
+    """Decompose every layer in ``layer_names`` and return a compressed copy of ``model``.
+
+    Layers that fail keep their dense weights (and are reported in the outcomes).
+    """
+    outcomes: list[LayerOutcome] = []
+    replacements: dict[str, nn.Module] = {}
+    for name in tqdm(layer_names, desc=method_name, unit="layer", disable=not progress, leave=False):
+        outcome, new = decompose_layer(name, get_module(model, name), sigmas.get(name), rule, method_name,
+                                       options, device)
+        outcomes.append(outcome)
+        if new is not None:
+            replacements[name] = new
+        if callback is not None:
+            callback(outcome)
+    return replace_modules(model, replacements), outcomes
+
+
+def model_stats(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+    """Parameter count and multiply-accumulates for one image of shape ``input_shape`` (C, H, W)."""
+    return {"params": count_params(model), "macs": count_macs(model, (1, *input_shape))}
+
+
+def accuracy(model: nn.Module, dataset_spec: DatasetSpec, *, limit: int | None, batch_size: int, device: str,
+             data_cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Top-1/top-5 (%) of ``model`` on a dataset view (first ``limit`` items if given)."""
+    dataset = dataset_spec.build(cache_dir=data_cache_dir)
+    if limit is not None and limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(limit))
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False)
+    return evaluate(model.to(device), loader, device=device, progress=progress)
+
+
+def save_compressed(
+    directory: str | Path,
+    base_model: str,
+    num_classes: int,
+    model: nn.Module,
+    replaced: Sequence[str],
+    extra: Mapping | None = None,
+) -> Path:
+    """Save a compressed model as ``spec.json`` + ``model.safetensors``.
+
+    The spec names the base architecture and every replaced layer's constructor arguments, so
+    :func:`load_compressed` rebuilds the model without re-running any decomposition.
+    """
+    directory = Path(directory)
+    spec = {
+        "format": "sigma-compress/1",
+        "base_model": base_model,
+        "num_classes": num_classes,
+        "replacements": {name: get_module(model, name).spec() for name in replaced},
+        **(dict(extra) if extra else {}),
+    }
+    atomic_save_safetensors(model.state_dict(), directory / "model.safetensors")
+    atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, default=str))
+    return directory
+
+
+def load_compressed(directory: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed` (architecture by name, layers from the spec)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spec_path, weights_path = directory / "spec.json", directory / "model.safetensors"
+    for path in (spec_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_compressed?")
+    spec = json.loads(spec_path.read_text())
+    model = build_model(spec["base_model"], num_classes=int(spec["num_classes"]))
+    model = replace_modules(model, {name: module_from_spec(s) for name, s in spec["replacements"].items()})
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ValueError(f"{weights_path} does not match {spec_path}: {exc}") from exc
+    return model.eval()
+
+
+def select_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[dict]]:
+    """Chosen layer names and the full plan (every conv/linear with why it was or was not chosen)."""
+    plan = plan_layers(model, names=list(names) if names else None)
+    chosen = [choice.name for choice in plan if choice.selected]
+    if not chosen:
+        raise ValueError("no layer selected for compression: pass layer names explicitly")
+    return chosen, [asdict(choice) for choice in plan]
+
+
+def outcome_rows(outcomes: Sequence[LayerOutcome]) -> list[dict]:
+    """Outcomes as plain dicts (JSON/Parquet friendly)."""
+    return [{**asdict(o), "kernel_shape": list(o.kernel_shape), "ranks": list(o.ranks or [])} for o in outcomes]
+
+
+@dataclass
+class PointResult:
+    """One compressed model: its metrics and its per-layer outcomes."""
+
+    metrics: dict
+    layers: list[dict] = field(default_factory=list)

@@ -1,0 +1,229 @@
+"""The compress job: one model, one Sigma source, a grid of (method, rank rule) points, resumable.
+
+Every finished point is written atomically to ``<output_dir>/points/<slug>.json`` (plus its compressed model);
+running the same job again skips the points already on disk, so a killed run loses at most the point in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline._io import atomic_write_text
+from pipeline.compress import (
+    SigmaSource,
+    accuracy,
+    compress_model,
+    compute_sigmas,
+    model_stats,
+    outcome_rows,
+    save_compressed,
+    select_layers,
+)
+from pipeline.data import DatasetSpec
+from pipeline.methods import SolverOptions, get_method
+from pipeline.models import REFERENCE_MODELS, build_model
+from pipeline.report import layer_table, plot_accuracy_vs_compression, summary_table
+from pipeline.sigma_cache import SigmaCache
+from pipeline.tracking import Tracker, default_tracking_uri
+from pipeline.train import TrainConfig, load_or_train_reference
+from sigma_core import RankRule
+
+__all__ = ["CompressConfig", "run_compress", "prepare_model"]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything the compress job needs; built from CLI flags or YAML at the edge (``jobs/``).
+
+    Sigma comes from ``sigma`` (any dataset view, e.g. digits for a Fashion-MNIST model); accuracy from
+    ``eval_dataset``. Rank rules: each alpha of ``alphas`` (paper Eq. 2), or explicit ``ranks`` (R_T, R_S)
+    for every layer, or a ``fraction`` of each layer's channels.
+    """
+
+    model: str = "resnet-fmnist"
+    weights: str | None = None
+    num_classes: int = 10
+    train: TrainConfig | None = None
+    sigma: SigmaSource = field(default_factory=lambda: SigmaSource(DatasetSpec("fashion-mnist")))
+    eval_dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec("fashion-mnist", split="test"))
+    eval_limit: int | None = None
+    methods: tuple[str, ...] = ("tucker2-als", "tucker2-als-sigma")
+    alphas: tuple[float, ...] = (0.8,)
+    ranks: tuple[int, int] | None = None
+    fraction: float | None = None
+    layers: tuple[str, ...] | None = None
+    solver: SolverOptions = field(default_factory=SolverOptions)
+    device: str = "cpu"
+    batch_size: int = 500
+    output_dir: str = "outputs/compress"
+    cache_dir: str = "cache"
+    tracking_uri: str | None = None
+    experiment: str = "sigma-compress"
+    track: bool = True
+    save_models: bool = True
+    retrain_corrupt: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in self.methods:
+            get_method(name)
+        if not self.methods:
+            raise ValueError("methods is empty: choose at least one of the registered methods")
+        if self.ranks is None and self.fraction is None and not self.alphas:
+            raise ValueError("give alphas, explicit ranks or a rank fraction")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available: use --device cpu")
+
+    def rules(self) -> list[tuple[RankRule, float | None]]:
+        """Rank rules of the grid, each with its alpha (None for explicit ranks or fractions)."""
+        if self.ranks is not None:
+            return [(RankRule(ranks=tuple(self.ranks)), None)]
+        if self.fraction is not None:
+            return [(RankRule(fraction=self.fraction), None)]
+        return [(RankRule(alpha=a), a) for a in self.alphas]
+
+
+def prepare_model(config: CompressConfig) -> tuple[nn.Module, dict]:
+    """The model to compress: user weights, or the cached reference model (trained on first use)."""
+    if config.weights is not None:
+        return build_model(config.model, num_classes=config.num_classes, weights=config.weights).eval(), {
+            "weights": str(config.weights)}
+    if config.model in REFERENCE_MODELS:
+        train_cfg = config.train or TrainConfig(model=config.model)
+        model, meta = load_or_train_reference(train_cfg, Path(config.cache_dir) / "models",
+                                              retrain_corrupt=config.retrain_corrupt, progress=config.progress)
+        return model.eval(), meta
+    raise ValueError(
+        f"model {config.model!r} needs --weights FILE (safetensors or a state_dict): nothing is downloaded; "
+        f"without weights only the reference models {', '.join(REFERENCE_MODELS)} can be trained here"
+    )
+
+
+def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
+    ident = json.dumps({"method": method, "rule": rule.describe(), "sigma": config.sigma.identity(),
+                        "eval": config.eval_dataset.identity(), "limit": config.eval_limit,
+                        "solver": asdict(config.solver), "layers": config.layers}, sort_keys=True, default=str)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    return f"{method}-{rule.describe()}-{digest}".replace(" ", "").replace("/", "_").replace("=", "")
+
+
+def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: dict, acc: dict, layers, secs):
+    ok = [row for row in layers if row["error"] is None]
+
+    def mean(key):
+        vals = [row[key] for row in ok if row[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "method": method, "rank_rule": rule.describe(), "alpha": alpha,
+        "top1": acc["top1"], "top5": acc["top5"], "top1_drop": baseline["top1"] - acc["top1"],
+        "params": stats["params"], "macs": stats["macs"],
+        "compression_rate": baseline["params"] / stats["params"], "mac_reduction": baseline["macs"] / stats["macs"],
+        "mean_rel_sigma_err": mean("rel_sigma_err"), "mean_rel_frob_err": mean("rel_frob_err"),
+        "decompose_seconds": secs, "failed_layers": len(layers) - len(ok), "layers": layers,
+    }
+
+
+def run_compress(config: CompressConfig) -> dict:
+    """Run the job; returns ``{"baseline", "points", "table", "layer_table", "plot", "output_dir"}``."""
+    out = Path(config.output_dir)
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    torch_threads = torch.get_num_threads()
+    model, model_meta = prepare_model(config)
+    chosen, plan = select_layers(model, config.layers)
+    data_cache = Path(config.cache_dir) / "datasets"
+    input_shape = tuple(config.eval_dataset.build(cache_dir=data_cache)[0][0].shape)
+    tracker = Tracker(config.tracking_uri or default_tracking_uri(out), config.experiment, enabled=config.track)
+
+    needs_sigma = any(get_method(m).needs_sigma for m in config.methods)
+    sigmas, sigma_info = {}, {"cached": None}
+    if needs_sigma:
+        sigmas, sigma_info = compute_sigmas(model, chosen, config.sigma, device=config.device,
+                                            cache=SigmaCache(Path(config.cache_dir) / "sigma"),
+                                            data_cache_dir=data_cache, progress=config.progress)
+    baseline = _baseline(model, config, input_shape, data_cache, out)
+    params = {"model": config.model, "sigma_source": json.dumps(config.sigma.identity(), default=str),
+              "eval": json.dumps(config.eval_dataset.identity()), "eval_limit": config.eval_limit,
+              "layers": ",".join(chosen), "device": config.device, "threads": torch_threads}
+    points = []
+    with tracker.run(f"compress-{config.model}", params):
+        tracker.log_metrics({"baseline_top1": baseline["top1"], "baseline_params": baseline["params"],
+                             "sigma_seconds": sigma_info.get("seconds", 0.0)})
+        tracker.log_json(plan, "layer_plan.json")
+        for rule, alpha in config.rules():
+            for method in config.methods:
+                points.append(_run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, input_shape,
+                                         data_cache, out, tracker))
+        result = _write_report(baseline, points, config, out, tracker)
+    return {**result, "baseline": baseline, "points": points, "plan": plan, "sigma_info": sigma_info,
+            "model_meta": model_meta, "output_dir": str(out)}
+
+
+def _baseline(model, config: CompressConfig, input_shape, data_cache, out: Path) -> dict:
+    """Accuracy/params/MACs of the original model, cached in the output directory (keyed by the eval view)."""
+    path = out / "baseline.json"
+    key = json.dumps({"eval": config.eval_dataset.identity(), "limit": config.eval_limit}, sort_keys=True)
+    from pipeline.sigma_cache import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key and saved.get("fingerprint") == fingerprint:
+            return saved
+    acc = accuracy(model, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
+                   device=config.device, data_cache_dir=data_cache, progress=config.progress)
+    baseline = {**acc, **model_stats(model.cpu(), input_shape), "key": key, "fingerprint": fingerprint}
+    atomic_write_text(path, json.dumps(baseline, indent=2))
+    return baseline
+
+
+def _run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, input_shape, data_cache, out, tracker):
+    slug = _slug(method, rule, config)
+    path = out / "points" / f"{slug}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tic = time.perf_counter()
+    compressed, outcomes = compress_model(model, chosen, sigmas, rule, method, options=config.solver,
+                                          device=config.device, progress=config.progress)
+    secs = time.perf_counter() - tic
+    acc = accuracy(compressed, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
+                   device=config.device, data_cache_dir=data_cache, progress=config.progress)
+    stats = model_stats(compressed.cpu(), input_shape)
+    point = _point_metrics(method, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
+    point["slug"] = slug
+    with tracker.run(slug, {"method": method, "rank_rule": rule.describe(), "alpha": alpha,
+                            "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
+                     nested=True):
+        tracker.log_metrics({k: v for k, v in point.items() if k != "layers"})
+        tracker.log_layers(point["layers"])
+        if config.save_models:
+            model_dir = save_compressed(out / "models" / slug, config.model, config.num_classes, compressed,
+                                        [o.name for o in outcomes if o.ok],
+                                        extra={"method": method, "rank_rule": rule.describe()})
+            point["model_dir"] = str(model_dir)
+            tracker.log_artifact(model_dir, "model")
+    atomic_write_text(path, json.dumps(point, indent=2, default=str))
+    return point
+
+
+def _write_report(baseline, points, config: CompressConfig, out: Path, tracker: Tracker) -> dict:
+    title = (f"{config.model}: Sigma from {config.sigma.n_samples} {config.sigma.dataset.name} images, "
+             f"eval {config.eval_dataset.name}/{config.eval_dataset.split}")
+    table = summary_table(baseline, points)
+    layers = layer_table(points)
+    md = (f"# {title}\n\n" + summary_table(baseline, points, markdown=True) + "\n\n## Per layer\n\n"
+          + layer_table(points, markdown=True) + "\n")
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps({"baseline": baseline, "points": points}, indent=2,
+                                                      default=str))
+    plot = plot_accuracy_vs_compression(baseline, points, out / "accuracy_vs_compression.png", title)
+    tracker.log_artifact(plot)
+    tracker.log_artifact(out / "results.md")
+    return {"table": table, "layer_table": layers, "plot": str(plot), "markdown": str(out / "results.md")}

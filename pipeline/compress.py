@@ -10,7 +10,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline._io import atomic_save_safetensors, atomic_write_text
-from pipeline.data import DatasetSpec, get_dataset, make_loader, sample_subset
+from pipeline.data import DatasetSpec, make_loader, sample_subset
 from pipeline.evaluate import evaluate
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
@@ -26,7 +26,6 @@ from pipeline.sigma_cache import SigmaCache, model_fingerprint, sigma_key
 from sigma_core import (
     RankRule,
     accumulate_sigma,
-    compression_rate,
     count_macs,
     count_params,
     get_module,
@@ -279,11 +278,3 @@ def select_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[s
 def outcome_rows(outcomes: Sequence[LayerOutcome]) -> list[dict]:
     """Outcomes as plain dicts (JSON/Parquet friendly)."""
     return [{**asdict(o), "kernel_shape": list(o.kernel_shape), "ranks": list(o.ranks or [])} for o in outcomes]
-
-
-@dataclass
-class PointResult:
-    """One compressed model: its metrics and its per-layer outcomes."""
-
-    metrics: dict
-    layers: list[dict] = field(default_factory=list)

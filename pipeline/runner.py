@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -161,7 +161,7 @@ def run_compress(config: CompressConfig) -> dict:
             for method in config.methods:
                 points.append(_run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, input_shape,
                                          data_cache, out, tracker))
-        result = _write_report(baseline, points, config, out, tracker)
+        result = _write_report(baseline, points, plan, config, out, tracker)
     return {**result, "baseline": baseline, "points": points, "plan": plan, "sigma_info": sigma_info,
             "model_meta": model_meta, "output_dir": str(out)}
 
@@ -213,13 +213,15 @@ def _run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, inp
     return point
 
 
-def _write_report(baseline, points, config: CompressConfig, out: Path, tracker: Tracker) -> dict:
+def _write_report(baseline, points, plan, config: CompressConfig, out: Path, tracker: Tracker) -> dict:
     title = (f"{config.model}: Sigma from {config.sigma.n_samples} {config.sigma.dataset.name} images, "
              f"eval {config.eval_dataset.name}/{config.eval_dataset.split}")
     table = summary_table(baseline, points)
     layers = layer_table(points)
+    dense = [f"- `{c['name']}`: {c['reason']}" for c in plan if not c["selected"]]
     md = (f"# {title}\n\n" + summary_table(baseline, points, markdown=True) + "\n\n## Per layer\n\n"
-          + layer_table(points, markdown=True) + "\n")
+          + layer_table(points, markdown=True) + "\n\n## Layers left dense\n\n" + ("\n".join(dense) or "none")
+          + "\n")
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps({"baseline": baseline, "points": points}, indent=2,
                                                       default=str))

@@ -137,8 +137,13 @@ def decompose_layer(
     method_name: str,
     options: SolverOptions = SolverOptions(),
     device: str = "cpu",
+    *,
+    stat: torch.Tensor | None = None,
 ) -> tuple[LayerOutcome, nn.Module | None]:
     """Decompose one layer; never raises for a bad layer, the outcome carries the error instead.
+
+    ``sigma`` (the layer's input Sigma, when known) feeds Sigma methods and the reported rel_sigma_err; ``stat`` is
+    the layer's Fisher diagonal or mean |activation| for methods whose ``needs`` is ``"fisher"``/``"activation"``.
 
     Returns
     -------
@@ -150,11 +155,13 @@ def decompose_layer(
     weight = module.weight.detach().cpu()
     base = LayerOutcome(name, method_name, tuple(weight.shape), params_before=count_params(module))
     try:
-        if method.needs_sigma and sigma is None:
-            raise ValueError(f"method {method_name} needs Sigma for layer {name}")
-        ranks = rule.resolve(weight)
+        data = _method_input(method, name, sigma, stat)
+        if not isinstance(module, method.layer_types):
+            kinds = "/".join(t.__name__ for t in method.layer_types)
+            raise ValueError(f"method {method_name} applies to {kinds} layers; {name} is a {type(module).__name__}")
+        ranks = method.resolve_ranks(rule, weight)  # (R_T, R_S) for Tucker-2, (R,) for CP
         tic = time.perf_counter()
-        result = method.decompose(weight.to(torch.float64), sigma, ranks, options, device)
+        result = method.decompose(weight.to(torch.float64), data, ranks, options, device)
         seconds = time.perf_counter() - tic
         approx = result.reconstruct().cpu()
         replacement = method.build(module.cpu(), result)
@@ -172,6 +179,18 @@ def decompose_layer(
     ), replacement
 
 
+def _method_input(method, name: str, sigma: torch.Tensor | None, stat: torch.Tensor | None):
+    """What ``method.decompose`` receives: Sigma, the layer's Fisher / activation statistic, or Sigma-or-None."""
+    if method.needs == "sigma" and sigma is None:
+        raise ValueError(f"method {method.name} needs Sigma for layer {name}")
+    if method.needs not in (None, "sigma"):
+        if stat is None:
+            raise ValueError(f"method {method.name} needs the {method.needs} statistic of layer {name} "
+                             "(see pipeline.fisher)")
+        return stat
+    return sigma
+
+
 def _with(outcome: LayerOutcome, **changes) -> LayerOutcome:
     return LayerOutcome(**{**asdict(outcome), **changes})
 
@@ -187,16 +206,22 @@ def compress_model(
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[LayerOutcome], None] | None = None,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    overrides: Mapping[str, tuple[str, RankRule]] | None = None,
 ) -> tuple[nn.Module, list[LayerOutcome]]:
     """Decompose every layer in ``layer_names`` and return a compressed copy of ``model``.
 
-    Layers that fail keep their dense weights (and are reported in the outcomes).
+    Layers that fail keep their dense weights (and are reported in the outcomes). ``stats`` holds per-layer
+    Fisher / activation statistics for methods that need them; ``overrides`` maps a layer name to its own
+    ``(method_name, rule)`` (hybrid compression: linear layers by SVD, convs by ``method_name``).
     """
+    stats, overrides = stats or {}, overrides or {}
     outcomes: list[LayerOutcome] = []
     replacements: dict[str, nn.Module] = {}
     for name in tqdm(layer_names, desc=method_name, unit="layer", disable=not progress, leave=False):
-        outcome, new = decompose_layer(name, get_module(model, name), sigmas.get(name), rule, method_name,
-                                       options, device)
+        layer_method, layer_rule = overrides.get(name, (method_name, rule))
+        outcome, new = decompose_layer(name, get_module(model, name), sigmas.get(name), layer_rule, layer_method,
+                                       options, device, stat=stats.get(name))
         outcomes.append(outcome)
         if new is not None:
             replacements[name] = new

@@ -110,6 +110,13 @@ class DatasetSpec:
     image_size: int | None = None
     resample: str = "bilinear"
 
+    def __post_init__(self) -> None:
+        # Fail when the spec is made (e.g. from CLI flags), not deep inside a job.
+        if self.name not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        _check_split(self.split)
+        _check_resample(self.resample)
+
     def identity(self) -> dict[str, object]:
         """Return a JSON-serializable dict that identifies this view.
 
@@ -291,6 +298,7 @@ def load_fashion_mnist(
     from torchvision import datasets, transforms
 
     _check_split(split)
+    _check_resample(resample)
     prepared = prepare_fashion_mnist_root(root, cache_dir)
     transform = transforms.Compose(
         _resize_transform(image_size, 28, resample)

@@ -12,9 +12,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sigma_core import Tucker2Conv, Tucker2SigmaConfig, tucker2_als, tucker2_als_sigma
+from sigma_core import (
+    CPConv,
+    CPSigmaConfig,
+    RankRule,
+    Tucker2Conv,
+    Tucker2SigmaConfig,
+    cp_als,
+    cp_als_sigma,
+    cp_deflation_sigma,
+    tucker2_als,
+    tucker2_als_sigma,
+)
 
-__all__ = ["Method", "METHODS", "get_method", "SolverOptions"]
+from sigma_core import LowRank1x1Conv, LowRankLinear, WeightedTucker2Config, ag_lra, fw_lra, svd_sigma, svd_truncated
+
+__all__ = ["Method", "METHODS", "get_method", "SolverOptions", "tucker2_ranks", "cp_ranks", "svd_ranks", "STATISTICS"]
+
+# Per-layer data statistics a method can consume (``Method.needs``): the input second moment Sigma, the diagonal
+# Fisher of the weight (FW-LRA) or the mean |output| per output channel (AG-LRA); see pipeline.fisher.
+STATISTICS = ("sigma", "fisher", "activation")
 
 
 @dataclass(frozen=True)
@@ -22,13 +39,38 @@ class SolverOptions:
     """Iteration settings shared by the ALS methods (see :class:`sigma_core.Tucker2SigmaConfig`)."""
 
     max_iter: int = 100
-    tol: float = 1e-6
+    # 1e-4 relative decrease per sweep: measured on the reference ResNet's 128x128 convs, tightening to 1e-6
+    # costs ~5-10x the sweeps for a rel_sigma_err change below 0.05 %.
+    tol: float = 1e-4
     cg_steps: int | None = None
     solver: str = "auto"
     seed: int = 0
 
     def sigma_config(self) -> Tucker2SigmaConfig:
         return Tucker2SigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver)
+
+    def cp_config(self) -> CPSigmaConfig:
+        """The same settings for CP-ALS-Sigma (per rank-one term for the deflation)."""
+        return CPSigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver)
+
+    def weighted_config(self) -> WeightedTucker2Config:
+        """The same sweep cap / tolerance for the weighted-ALS baselines FW-LRA and AG-LRA."""
+        return WeightedTucker2Config(max_iter=self.max_iter, tol=self.tol)
+
+
+def tucker2_ranks(rule: RankRule, weight: torch.Tensor) -> tuple[int, int]:
+    """Tucker-2 ranks ``(R_T, R_S)`` of a layer (:meth:`RankRule.resolve`)."""
+    return tuple(rule.resolve(weight))
+
+
+def cp_ranks(rule: RankRule, weight: torch.Tensor) -> tuple[int]:
+    """CP rank of a layer as a 1-tuple ``(R,)`` (:meth:`RankRule.resolve_cp`)."""
+    return (rule.resolve_cp(weight),)
+
+
+def svd_ranks(rule: RankRule, weight: torch.Tensor) -> tuple[int]:
+    """SVD rank of a linear layer / 1x1 conv as a 1-tuple ``(r,)`` (:meth:`RankRule.resolve_svd`)."""
+    return (rule.resolve_svd(weight),)
 
 
 @dataclass(frozen=True)
@@ -39,7 +81,7 @@ class Method:
     ----------
     name : str
     family : str
-        Rank structure (``"tucker2"``): decides how ranks are chosen.
+        Rank structure (``"tucker2"``, ``"cp"`` or ``"svd"``).
     needs_sigma : bool
         Whether the decomposition uses the layer's input Sigma.
     decompose : callable
@@ -48,6 +90,12 @@ class Method:
         ``build(original_module, result) -> nn.Module``.
     layer_types : tuple of type
         Layers it applies to.
+    resolve_ranks : callable
+        ``resolve_ranks(rule, weight) -> ranks`` for this family (:func:`tucker2_ranks`, :func:`cp_ranks`,
+        :func:`svd_ranks`); its output is what ``decompose`` receives.
+    needs : str or None
+        The per-layer statistic ``decompose`` receives as its second argument: one of :data:`STATISTICS` or None.
+        ``needs_sigma=True`` implies (and is implied by) ``needs == "sigma"``.
     """
 
     name: str
@@ -56,6 +104,16 @@ class Method:
     decompose: Callable
     build: Callable[[nn.Module, object], nn.Module]
     layer_types: tuple = field(default=(nn.Conv2d,))
+    resolve_ranks: Callable[[RankRule, torch.Tensor], tuple[int, ...]] = tucker2_ranks
+    needs: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.needs is None and self.needs_sigma:
+            object.__setattr__(self, "needs", "sigma")
+        if self.needs not in (None, *STATISTICS):
+            raise ValueError(f"needs must be None or one of {STATISTICS}, got {self.needs!r}")
+        if self.needs_sigma != (self.needs == "sigma"):
+            raise ValueError(f"method {self.name}: needs_sigma={self.needs_sigma} contradicts needs={self.needs!r}")
 
 
 def _tucker2_sigma(weight, sigma, ranks, options: SolverOptions, device):
@@ -66,13 +124,63 @@ def _tucker2_sigma(weight, sigma, ranks, options: SolverOptions, device):
 
 
 def _tucker2_frob(weight, sigma, ranks, options: SolverOptions, device):
-    # tensorly's HOOI stops on an absolute change of rel_frob_err; tighter than its 1e-4 default for a fair baseline.
-    return tucker2_als(weight, ranks, n_iter_max=options.max_iter, tol=min(options.tol, 1e-6))
+    # tensorly's HOOI stops on an absolute change of rel_frob_err; 1e-6 (tighter than its 1e-4 default) is cheap
+    # and makes the baseline fully converged.
+    return tucker2_als(weight, ranks, n_iter_max=options.max_iter, tol=1e-6)
 
+
+def _cp_sigma(weight, sigma, ranks, options: SolverOptions, device):
+    gen = torch.Generator().manual_seed(options.seed)
+    return cp_als_sigma(weight.to(device), sigma.to(device), ranks[0], config=options.cp_config(), generator=gen)
+
+
+def _cp_frob(weight, sigma, ranks, options: SolverOptions, device):
+    # tensorly parafac (the paper's CP-ALS) with its default SVD init; random fill of small modes is seeded.
+    return cp_als(weight, ranks[0], n_iter_max=options.max_iter, tol=min(options.tol, 1e-8), random_state=options.seed)
+
+
+def _cp_deflation(weight, sigma, ranks, options: SolverOptions, device):
+    gen = torch.Generator().manual_seed(options.seed)
+    return cp_deflation_sigma(weight.to(device), sigma.to(device), ranks[0], config=options.cp_config(),
+                              generator=gen)
+
+
+def _svd_sigma(weight, sigma, ranks, options: SolverOptions, device):
+    return svd_sigma(weight.to(device), sigma.to(device), ranks[0])
+
+
+def _svd_plain(weight, sigma, ranks, options: SolverOptions, device):
+    return svd_truncated(weight, ranks[0])
+
+
+def _build_low_rank(module: nn.Module, result) -> nn.Module:
+    """Two linear layers for an nn.Linear, two 1x1 convs for a 1x1 nn.Conv2d (paper App. E)."""
+    if isinstance(module, nn.Linear):
+        return LowRankLinear.from_factors(module, result.first, result.second)
+    return LowRank1x1Conv.from_result(module, result)
+
+
+def _fw_lra(weight, fisher, ranks, options: SolverOptions, device):
+    return fw_lra(weight, fisher, ranks, config=options.weighted_config())
+
+
+def _ag_lra(weight, activation, ranks, options: SolverOptions, device):
+    return ag_lra(weight, activation, ranks, config=options.weighted_config())
+
+
+_SVD_LAYERS = (nn.Linear, nn.Conv2d)  # Conv2d: 1x1 only (svd_sigma rejects larger kernels with a clear error)
 
 METHODS: dict[str, Method] = {
     "tucker2-als-sigma": Method("tucker2-als-sigma", "tucker2", True, _tucker2_sigma, Tucker2Conv.from_result),
     "tucker2-als": Method("tucker2-als", "tucker2", False, _tucker2_frob, Tucker2Conv.from_result),
+    "cp-als-sigma": Method("cp-als-sigma", "cp", True, _cp_sigma, CPConv.from_result, resolve_ranks=cp_ranks),
+    "cp-als": Method("cp-als", "cp", False, _cp_frob, CPConv.from_result, resolve_ranks=cp_ranks),
+    "cp-deflation-sigma": Method("cp-deflation-sigma", "cp", True, _cp_deflation, CPConv.from_result,
+                                 resolve_ranks=cp_ranks),
+    "svd-sigma": Method("svd-sigma", "svd", True, _svd_sigma, _build_low_rank, _SVD_LAYERS, svd_ranks),
+    "svd": Method("svd", "svd", False, _svd_plain, _build_low_rank, _SVD_LAYERS, svd_ranks),
+    "fw-lra": Method("fw-lra", "tucker2", False, _fw_lra, Tucker2Conv.from_result, needs="fisher"),
+    "ag-lra": Method("ag-lra", "tucker2", False, _ag_lra, Tucker2Conv.from_result, needs="activation"),
 }
 
 

@@ -81,7 +81,7 @@ class ResNetFMNIST(nn.Module):
 
     A 3x3 stem conv at full resolution, then one stage of
     :class:`BasicBlock` per entry of ``widths``; every stage downsamples by 2
-    (28 -> 14 -> 7 -> 4), which keeps CPU training to seconds per epoch while
+    (28 -> 14 -> 7 -> 4), which keeps an epoch near half a minute on 2 CPU cores while
     all but the first stage run at >= 64 channels.
 
     Parameters
@@ -361,14 +361,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"could not read weights file {path}: {type(exc).__name__}: {exc}. Expected a "
             "`.safetensors` file or a `torch.save`d state dict; the file may be truncated."
         ) from exc
-    state = _strip_prefixes(_unnest(raw, path))
+    return _only_tensors(_strip_prefixes(_unnest(raw, path)), f"weights file {path}")
+
+
+def _only_tensors(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ValueError(
-            f"weights file {path} has non-tensor entries {_first(not_tensors)}; expected a "
-            "state dict of tensors (optionally nested under 'state_dict' or 'model')."
+            f"{source} has non-tensor entries {_first(not_tensors)}; expected a state dict "
+            "of tensors (optionally nested under 'state_dict' or 'model')."
         )
-    return state  # type: ignore[return-value]
+    return dict(state)  # type: ignore[arg-type]
 
 
 def _first(items: Sequence[str]) -> str:
@@ -434,7 +437,10 @@ def _resolve_state(
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Return ``(state dict, description of its source for error messages)``."""
     if isinstance(weights, Mapping):
-        return _strip_prefixes(weights), "the given state dict"  # type: ignore[return-value]
+        # Copies, because build_model assigns these tensors into the new model:
+        # it must never alias (or move to CPU) the caller's tensors.
+        state = _only_tensors(_strip_prefixes(weights), "the given state dict")
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, "the given state dict"
     return read_state_dict(weights), f"file {Path(weights).expanduser()}"
 
 

@@ -6,6 +6,7 @@ running the same job again skips the points already on disk, so a killed run los
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -24,16 +25,16 @@ from pipeline.compress import (
     model_stats,
     outcome_rows,
     save_compressed,
-    select_layers,
 )
 from pipeline.data import DatasetSpec
+from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
-from pipeline.report import layer_table, plot_accuracy_vs_compression, summary_table
+from pipeline.report import layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
 from pipeline.train import TrainConfig, load_or_train_reference
-from sigma_core import RankRule
+from sigma_core import LayerChoice, RankRule, plan_layers
 
 __all__ = ["CompressConfig", "run_compress", "prepare_model"]
 
@@ -45,6 +46,12 @@ class CompressConfig:
     Sigma comes from ``sigma`` (any dataset view, e.g. digits for a Fashion-MNIST model); accuracy from
     ``eval_dataset``. Rank rules: each alpha of ``alphas`` (paper Eq. 2), or explicit ``ranks`` (R_T, R_S)
     for every layer, or a ``fraction`` of each layer's channels.
+
+    SVD methods (``"svd-sigma"``, ``"svd"``) factorize linear layers (and 1x1 convs named in ``layers``). Hybrid
+    compression (paper App. E, Table 5): ``linear_method`` factorizes the linear layers while the convs use each
+    method of ``methods``. SVD layers take ``svd_rank`` when given, else the same alpha / fraction rule. The last
+    linear layer (the classifier) stays dense unless ``compress_last_linear``: its output is the logits, so no
+    later layer absorbs its error, and with out = num_classes it has few parameters and almost no rank to cut.
     """
 
     model: str = "resnet-fmnist"
@@ -59,6 +66,9 @@ class CompressConfig:
     ranks: tuple[int, int] | None = None
     fraction: float | None = None
     layers: tuple[str, ...] | None = None
+    linear_method: str | None = None
+    svd_rank: int | None = None
+    compress_last_linear: bool = False
     solver: SolverOptions = field(default_factory=SolverOptions)
     device: str = "cpu"
     batch_size: int = 500
@@ -76,8 +86,13 @@ class CompressConfig:
             get_method(name)
         if not self.methods:
             raise ValueError("methods is empty: choose at least one of the registered methods")
-        if self.ranks is None and self.fraction is None and not self.alphas:
+        if self.ranks is None and self.fraction is None and not self.alphas and self.svd_rank is None:
             raise ValueError("give alphas, explicit ranks or a rank fraction")
+        if self.linear_method is not None and get_method(self.linear_method).family != "svd":
+            raise ValueError(f"linear_method must be an SVD method (svd-sigma or svd), got {self.linear_method!r}")
+        uses_svd = self.linear_method is not None or any(get_method(m).family == "svd" for m in self.methods)
+        if uses_svd and self.ranks is not None and self.svd_rank is None:
+            raise ValueError("explicit ranks (R_T, R_S) are Tucker-2 ranks; give svd_rank for the SVD layers too")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available: use --device cpu")
 
@@ -87,7 +102,15 @@ class CompressConfig:
             return [(RankRule(ranks=tuple(self.ranks)), None)]
         if self.fraction is not None:
             return [(RankRule(fraction=self.fraction), None)]
+        if self.svd_rank is not None and all(get_method(m).family == "svd" for m in self.methods):
+            return [(RankRule(svd_rank=self.svd_rank), None)]
         return [(RankRule(alpha=a), a) for a in self.alphas]
+
+    def layer_rule(self, method: str, rule: RankRule) -> RankRule:
+        """The rule a layer decomposed by ``method`` uses: ``svd_rank`` for SVD layers when given, else ``rule``."""
+        if get_method(method).family == "svd" and self.svd_rank is not None:
+            return RankRule(svd_rank=self.svd_rank)
+        return rule
 
 
 def prepare_model(config: CompressConfig) -> tuple[nn.Module, dict]:
@@ -106,12 +129,71 @@ def prepare_model(config: CompressConfig) -> tuple[nn.Module, dict]:
     )
 
 
+_REASON_LAST_LINEAR = ("final classifier (last nn.Linear): kept dense -- its output is the logits, so no later layer "
+                       "absorbs its error, and with out = num_classes there is little to compress "
+                       "(compress_last_linear=True or name it to factorize it)")
+
+
+def _svd_able(choice: LayerChoice) -> bool:
+    return choice.kind == "linear" or tuple(choice.weight_shape[2:]) == (1, 1)
+
+
+def _layer_methods(selected: list[LayerChoice], method: str, config: CompressConfig) -> dict[str, str]:
+    """Layer -> method for one point: SVD methods take linear / 1x1 layers, the others convs (+ hybrid linears)."""
+    out = {}
+    for choice in selected:
+        if get_method(method).family == "svd":
+            if _svd_able(choice):
+                out[choice.name] = method
+        elif _svd_able(choice) and config.linear_method is not None:
+            out[choice.name] = config.linear_method
+        elif choice.kind == "conv" or config.layers is not None:
+            out[choice.name] = method
+    return out
+
+
+def plan_points(model: nn.Module, config: CompressConfig) -> tuple[dict[str, dict[str, str]], list[str], list[dict]]:
+    """Which layers each method of ``config`` factorizes, and by which method (hybrid: linears by SVD).
+
+    Returns
+    -------
+    assignment : dict
+        ``assignment[method][layer]`` = method that decomposes ``layer`` in that method's points.
+    layers : list of str
+        Every layer some point factorizes, in module order.
+    plan : list of dict
+        Every conv / linear layer with why it is (or is not) chosen.
+    """
+    with_linear = config.linear_method is not None or any(get_method(m).family == "svd" for m in config.methods)
+    plan = plan_layers(model, include_linear=with_linear, names=list(config.layers) if config.layers else None)
+    linears = [i for i, c in enumerate(plan) if c.kind == "linear"]
+    if with_linear and config.layers is None and not config.compress_last_linear and linears:
+        plan[linears[-1]] = dataclasses.replace(plan[linears[-1]], selected=False, reason=_REASON_LAST_LINEAR)
+    selected = [c for c in plan if c.selected]
+    assignment = {m: _layer_methods(selected, m, config) for m in config.methods}
+    empty = [m for m, layers in assignment.items() if not layers]
+    if empty:
+        raise ValueError(f"no layer selected for compression by {empty}: pass layer names explicitly (SVD methods "
+                         "factorize linear layers and 1x1 convs, the others convs)")
+    layers = [c.name for c in selected if any(c.name in a for a in assignment.values())]
+    return assignment, layers, [asdict(c) for c in plan]
+
+
 def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
+    # Hybrid / SVD settings enter the identity only when set, so that existing points keep their slugs.
+    extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
     ident = json.dumps({"method": method, "rule": rule.describe(), "sigma": config.sigma.identity(),
                         "eval": config.eval_dataset.identity(), "limit": config.eval_limit,
-                        "solver": asdict(config.solver), "layers": config.layers}, sort_keys=True, default=str)
+                        "solver": asdict(config.solver), "layers": config.layers, **extra}, sort_keys=True,
+                       default=str)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
-    return f"{method}-{rule.describe()}-{digest}".replace(" ", "").replace("/", "_").replace("=", "")
+    if rule.alpha is not None:
+        label = f"alpha{rule.alpha:g}"
+    elif rule.ranks is not None:
+        label = "ranks" + "x".join(map(str, rule.ranks))
+    else:
+        label = f"fraction{rule.fraction:g}"
+    return f"{method}-{label}-{digest}"
 
 
 def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: dict, acc: dict, layers, secs):
@@ -137,17 +219,22 @@ def run_compress(config: CompressConfig) -> dict:
     (out / "points").mkdir(parents=True, exist_ok=True)
     torch_threads = torch.get_num_threads()
     model, model_meta = prepare_model(config)
-    chosen, plan = select_layers(model, config.layers)
+    assignment, chosen, plan = plan_points(model, config)
     data_cache = Path(config.cache_dir) / "datasets"
     input_shape = tuple(config.eval_dataset.build(cache_dir=data_cache)[0][0].shape)
     tracker = Tracker(config.tracking_uri or default_tracking_uri(out), config.experiment, enabled=config.track)
 
-    needs_sigma = any(get_method(m).needs_sigma for m in config.methods)
+    needs = {get_method(m).needs for layer_methods in assignment.values() for m in layer_methods.values()}
     sigmas, sigma_info = {}, {"cached": None}
-    if needs_sigma:
+    if "sigma" in needs:
+        # Sigma of every chosen layer, so that rel_sigma_err is reported for the other methods too.
         sigmas, sigma_info = compute_sigmas(model, chosen, config.sigma, device=config.device,
                                             cache=SigmaCache(Path(config.cache_dir) / "sigma"),
                                             data_cache_dir=data_cache, progress=config.progress)
+    stat_layers = {kind: sorted({layer for a in assignment.values() for layer, m in a.items()
+                                 if get_method(m).needs == kind}) for kind in ("fisher", "activation")}
+    stats, stats_info = compute_layer_stats(model, stat_layers, config.sigma, device=config.device,
+                                            data_cache_dir=data_cache)
     baseline = _baseline(model, config, input_shape, data_cache, out)
     params = {"model": config.model, "sigma_source": json.dumps(config.sigma.identity(), default=str),
               "eval": json.dumps(config.eval_dataset.identity()), "eval_limit": config.eval_limit,
@@ -159,11 +246,11 @@ def run_compress(config: CompressConfig) -> dict:
         tracker.log_json(plan, "layer_plan.json")
         for rule, alpha in config.rules():
             for method in config.methods:
-                points.append(_run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, input_shape,
-                                         data_cache, out, tracker))
+                points.append(_run_point(model, method, rule, alpha, assignment[method], sigmas, stats, baseline,
+                                         config, input_shape, data_cache, out, tracker))
         result = _write_report(baseline, points, plan, config, out, tracker)
     return {**result, "baseline": baseline, "points": points, "plan": plan, "sigma_info": sigma_info,
-            "model_meta": model_meta, "output_dir": str(out)}
+            "stats_info": stats_info, "model_meta": model_meta, "output_dir": str(out)}
 
 
 def _baseline(model, config: CompressConfig, input_shape, data_cache, out: Path) -> dict:
@@ -184,21 +271,28 @@ def _baseline(model, config: CompressConfig, input_shape, data_cache, out: Path)
     return baseline
 
 
-def _run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, input_shape, data_cache, out, tracker):
-    slug = _slug(method, rule, config)
+def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, baseline, config, input_shape,
+               data_cache, out, tracker):
+    hybrid = any(m != method for m in layer_methods.values())
+    label = f"{method}+{config.linear_method}" if hybrid else method  # paper Table 5: "Tucker2-ALS-Sigma + SVD-Sigma"
+    slug = _slug(label, rule, config)
     path = out / "points" / f"{slug}.json"
     if path.exists():
         return json.loads(path.read_text())
+    overrides = {layer: (m, config.layer_rule(m, rule)) for layer, m in layer_methods.items()}
+    layer_stats = {layer: data_stats[get_method(m).needs][layer] for layer, m in layer_methods.items()
+                   if get_method(m).needs in data_stats}
     tic = time.perf_counter()
-    compressed, outcomes = compress_model(model, chosen, sigmas, rule, method, options=config.solver,
-                                          device=config.device, progress=config.progress)
+    compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method, options=config.solver,
+                                          device=config.device, progress=config.progress, stats=layer_stats,
+                                          overrides=overrides)
     secs = time.perf_counter() - tic
     acc = accuracy(compressed, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)
     stats = model_stats(compressed.cpu(), input_shape)
-    point = _point_metrics(method, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
+    point = _point_metrics(label, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
     point["slug"] = slug
-    with tracker.run(slug, {"method": method, "rank_rule": rule.describe(), "alpha": alpha,
+    with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": alpha,
                             "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
                      nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if k != "layers"})
@@ -206,7 +300,7 @@ def _run_point(model, method, rule, alpha, chosen, sigmas, baseline, config, inp
         if config.save_models:
             model_dir = save_compressed(out / "models" / slug, config.model, config.num_classes, compressed,
                                         [o.name for o in outcomes if o.ok],
-                                        extra={"method": method, "rank_rule": rule.describe()})
+                                        extra={"method": label, "rank_rule": rule.describe()})
             point["model_dir"] = str(model_dir)
             tracker.log_artifact(model_dir, "model")
     atomic_write_text(path, json.dumps(point, indent=2, default=str))
@@ -222,10 +316,14 @@ def _write_report(baseline, points, plan, config: CompressConfig, out: Path, tra
     md = (f"# {title}\n\n" + summary_table(baseline, points, markdown=True) + "\n\n## Per layer\n\n"
           + layer_table(points, markdown=True) + "\n\n## Layers left dense\n\n" + ("\n".join(dense) or "none")
           + "\n")
+    comparison = method_comparison(points)
+    if comparison:
+        md += "\n## Tucker2-ALS-Sigma vs Tucker2-ALS at equal ranks\n\n" + "\n".join(f"- {c}" for c in comparison) + "\n"
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps({"baseline": baseline, "points": points}, indent=2,
                                                       default=str))
     plot = plot_accuracy_vs_compression(baseline, points, out / "accuracy_vs_compression.png", title)
     tracker.log_artifact(plot)
     tracker.log_artifact(out / "results.md")
-    return {"table": table, "layer_table": layers, "plot": str(plot), "markdown": str(out / "results.md")}
+    return {"table": table, "layer_table": layers, "comparison": comparison, "plot": str(plot),
+            "markdown": str(out / "results.md")}

@@ -1,24 +1,57 @@
-"""Content-keyed cache of per-layer Sigma matrices, written atomically with a checksum.
+"""Content-keyed cache of per-layer Sigma matrices on any ``pyarrow.fs`` filesystem, checksummed.
 
 The key hashes everything that determines Sigma: the model weights, the layer names, the dataset identity
-(name, root, split, resolution, resampling), the number of images N, the sampling seed and the centered flag.
-A corrupt entry (bad checksum, unreadable file, wrong contents) is reported and recomputed, never used.
+(name, root, split, resolution, resampling / transform), the number of images N, the sampling seed and the
+centered flag. A corrupt entry (bad checksum, unreadable file, wrong contents) is reported with a warning and
+treated as absent, so the caller recomputes it; it is never used.
+
+Where entries live
+    ``SigmaCache("cache/sigma")`` (a local directory, the default), ``SigmaCache("file:///abs/dir")``, or any URI
+    that ``pyarrow.fs.FileSystem.from_uri`` understands (``s3://bucket/prefix``, ``gs://bucket/prefix``, ...), or an
+    explicit ``filesystem=`` with a path inside it.
+
+Entry layout
+    ``<key>.safetensors`` holds one float64 tensor per layer (safetensors: no pickle on load, so a shared bucket
+    cannot run code in readers); ``<key>.json`` is the sidecar with the SHA-256 and size of the data file plus a
+    free-form description. The sidecar is written *after* the data, so an entry only becomes valid once both
+    are complete.
+
+Atomicity
+    Local filesystems: temporary name in the same directory, fsync, ``os.replace`` (see :mod:`pipeline._io`);
+    an interrupted write leaves nothing behind. Object stores: the data is serialized in memory first and sent
+    with a single write (one PUT, or one multipart upload that only becomes visible when complete), then the
+    sidecar. A partial object left by a failure is deleted on a best-effort basis; if it survives, it has no
+    matching sidecar checksum and is rejected on read.
+
+Per-layer reuse
+    :meth:`SigmaCache.load_layers` / :meth:`SigmaCache.save_layers` store one entry per layer (key of that single
+    layer, :meth:`SigmaKey.for_layers`), so a sweep that adds layers recomputes only the new ones. The whole-set
+    entries of :meth:`SigmaCache.load` / :meth:`SigmaCache.save` (what ``compute_sigmas`` writes) are read too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from pipeline._io import atomic_torch_save, atomic_write_text, sha256_file
+from pipeline._io import atomic_path
 
-__all__ = ["SigmaCache", "model_fingerprint", "sigma_key"]
+__all__ = ["SigmaCache", "SigmaKey", "model_fingerprint", "sigma_key"]
+
+_FORMAT = "sigma-cache/2"
+_DATA_SUFFIX = ".safetensors"
+_META_SUFFIX = ".json"
+# Write in chunks so a huge Sigma set does not need a second full-size buffer inside the writer.
+_CHUNK_BYTES = 8 << 20
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -51,40 +84,182 @@ def sigma_key(
             "format": 1,
         },
         sort_keys=True,
+        default=str,
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class SigmaKey:
+    """Everything :func:`sigma_key` hashes except the layer set, so keys can be made per layer or per set.
+
+    Attributes
+    ----------
+    weights_hash : str
+        :func:`model_fingerprint` of the model as it is run (dtype included).
+    dataset_identity : dict
+        JSON-serializable description of the images and their transform.
+    n_samples, seed : int
+    centered : bool
+    """
+
+    weights_hash: str
+    dataset_identity: Mapping = field(hash=False)
+    n_samples: int
+    seed: int
+    centered: bool
+
+    def for_layers(self, layers: Sequence[str]) -> str:
+        """The :func:`sigma_key` of ``layers`` (one layer: a per-layer entry; all layers: a whole-set entry)."""
+        return sigma_key(self.weights_hash, layers, self.dataset_identity, self.n_samples, self.seed,
+                         self.centered)
+
+
+def _resolve_location(location: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path inside it) for a directory, a ``file://`` URI or an object-store URI."""
+    text = os.fspath(location)
+    if filesystem is not None:
+        return filesystem, text.rstrip("/")
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return fs, path.rstrip("/")
+    # Plain paths (relative ones included, which from_uri rejects) are local directories.
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _write_stream(handle, data: bytes | memoryview) -> None:
+    """Write ``data`` to an open file/stream in chunks (a seam for tests that simulate a crash mid-write)."""
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK_BYTES):
+        handle.write(view[start:start + _CHUNK_BYTES])
+
+
 class SigmaCache:
-    """Directory of ``<key>.pt`` (dict layer -> Sigma) plus ``<key>.json`` (checksum and description)."""
+    """Checksummed Sigma entries in a directory of a ``pyarrow.fs`` filesystem (local by default).
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    Parameters
+    ----------
+    location : str or os.PathLike
+        Local directory, ``file://`` URI, or object-store URI such as ``s3://bucket/sigma``.
+    filesystem : pyarrow.fs.FileSystem, optional
+        Use this filesystem with ``location`` as the path inside it (e.g. a configured ``S3FileSystem``).
+    """
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.directory / f"{key}.pt", self.directory / f"{key}.json"
+    def __init__(self, location: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None):
+        self.location = os.fspath(location)
+        self.filesystem, self.base = _resolve_location(location, filesystem)
+        self._local = isinstance(self.filesystem, pafs.LocalFileSystem)
 
+    @property
+    def directory(self) -> Path | None:
+        """The local directory of the cache, or None when it lives on an object store."""
+        return Path(self.base) if self._local else None
+
+    def __repr__(self) -> str:
+        return f"SigmaCache({self.location!r}, filesystem={type(self.filesystem).__name__})"
+
+    def _paths(self, key: str) -> tuple[str, str]:
+        return f"{self.base}/{key}{_DATA_SUFFIX}", f"{self.base}/{key}{_META_SUFFIX}"
+
+    # ------------------------------------------------------------------------------------------ whole sets
     def load(self, key: str, layers: Sequence[str]) -> dict[str, torch.Tensor] | None:
-        """The cached Sigmas for ``key``, or None when absent or corrupt (a warning says which)."""
-        data, meta = self._paths(key)
-        if not data.exists() or not meta.exists():
+        """The cached Sigmas of ``layers`` under ``key``, or None when absent or corrupt (a warning says which)."""
+        data_path, meta_path = self._paths(key)
+        if not self._exists(meta_path):
             return None
         try:
-            expected = json.loads(meta.read_text())["sha256"]
-            if sha256_file(data) != expected:
-                raise ValueError("checksum mismatch")
-            sigmas = torch.load(data, map_location="cpu", weights_only=True)
+            sigmas = self._read_verified(data_path, meta_path)
             missing = set(layers) - set(sigmas)
             if missing:
                 raise ValueError(f"missing layers {sorted(missing)}")
         except Exception as exc:  # noqa: BLE001 -- any unreadable entry is treated the same: recompute
-            warnings.warn(f"Sigma cache entry {data} is corrupt ({exc}); recomputing it", stacklevel=2)
+            warnings.warn(f"Sigma cache entry {self._uri(data_path)} is corrupt ({exc}); recomputing it",
+                          stacklevel=2)
             return None
         return {name: sigmas[name] for name in layers}
 
-    def save(self, key: str, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> Path:
-        """Write the entry atomically (data first, then the checksum sidecar that validates it)."""
-        data, meta = self._paths(key)
-        atomic_torch_save({k: v.detach().cpu() for k, v in sigmas.items()}, data)
-        atomic_write_text(meta, json.dumps({"sha256": sha256_file(data), **description}, indent=2, default=str))
-        return data
+    def save(self, key: str, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> str:
+        """Write an entry: the data first, then the checksum sidecar that validates it. Returns the data path."""
+        from safetensors.torch import save
+
+        data_path, meta_path = self._paths(key)
+        data = save({name: _as_float64_cpu(name, s) for name, s in sigmas.items()})
+        meta = {**dict(description), "format": _FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data), "layers": sorted(sigmas)}
+        self._put(data_path, data)
+        self._put(meta_path, json.dumps(meta, indent=2, default=str).encode())
+        return data_path
+
+    # ------------------------------------------------------------------------------------------ per layer
+    def load_layers(self, key: SigmaKey, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every layer of ``layers`` found in the cache (possibly none): the whole-set entry, else per-layer ones.
+
+        Corrupt entries are skipped with a warning, so their layers come back missing and get recomputed.
+        """
+        whole = self.load(key.for_layers(layers), layers)
+        if whole is not None:
+            return whole
+        found = {}
+        for name in layers:
+            hit = self.load(key.for_layers([name]), [name])
+            if hit is not None:
+                found[name] = hit[name]
+        return found
+
+    def save_layers(self, key: SigmaKey, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> list[str]:
+        """Write one entry per layer (so later runs with other layer sets reuse them). Returns the data paths."""
+        return [self.save(key.for_layers([name]), {name: sigma}, {**dict(description), "layer": name})
+                for name, sigma in sigmas.items()]
+
+    # ------------------------------------------------------------------------------------------ storage
+    def _uri(self, path: str) -> str:
+        return path if self._local else f"{self.filesystem.type_name}://{path}"
+
+    def _exists(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type == pafs.FileType.File
+
+    def _read_bytes(self, path: str) -> bytes:
+        with self.filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    def _read_verified(self, data_path: str, meta_path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        meta = json.loads(self._read_bytes(meta_path))
+        data = self._read_bytes(data_path)
+        if len(data) != meta["size"]:
+            raise ValueError(f"size {len(data)} != {meta['size']} recorded in the sidecar (truncated?)")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError("checksum mismatch")
+        sigmas = load(data)
+        for name, sigma in sigmas.items():
+            if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or sigma.dtype != torch.float64:
+                raise ValueError(f"layer {name}: expected a square float64 matrix, got {sigma.dtype} "
+                                 f"{tuple(sigma.shape)}")
+        return sigmas
+
+    def _put(self, path: str, data: bytes) -> None:
+        if self._local:
+            # Temp file + fsync + rename: readers see the old file or the new one, never a prefix.
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+                _write_stream(handle, data)
+            return
+        self.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        try:
+            with self.filesystem.open_output_stream(path) as stream:
+                _write_stream(stream, data)
+        except BaseException:
+            # Closing a failed object-store stream may still publish a prefix; remove it if we can. If that
+            # fails too, the sidecar (written after the data, never for a failed write) rejects it on read.
+            try:
+                self.filesystem.delete_file(path)
+            except Exception:  # noqa: BLE001 -- best effort; the original error matters
+                pass
+            raise
+
+
+def _as_float64_cpu(name: str, sigma: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sigma, torch.Tensor) or sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1]:
+        shape = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise ValueError(f"Sigma of layer {name} must be a square 2-D tensor, got {shape}")
+    return sigma.detach().to(device="cpu", dtype=torch.float64).contiguous()

@@ -12,17 +12,24 @@ from sigma_core.covariance import (
     validate_sigma,
 )
 from sigma_core.decompose import Tucker2Result, Tucker2SigmaConfig, kronecker_fit, tucker2_als, tucker2_als_sigma
-from sigma_core.layers import LowRankLinear, Tucker2Conv, module_from_spec
+from sigma_core.decompose import LowRankResult, svd_sigma, svd_truncated
+from sigma_core.decompose import WeightedTucker2Config, ag_lra, fw_lra, weighted_tucker2
+from sigma_core.decompose import CPResult, CPSigmaConfig, cp_als, cp_als_sigma, cp_deflation_sigma
+from sigma_core.layers import CPConv, LowRank1x1Conv, LowRankLinear, Tucker2Conv, module_from_spec
 from sigma_core.metrics import rel_frob_err, rel_sigma_err, sigma_norm_sq
 from sigma_core.ranks import (
     EVBMFResult,
     RankRule,
     alpha_rank,
     cp_max_rank,
+    cp_rank_alpha,
+    cp_rank_from_fraction,
+    cp_vbmf_rank,
     evbmf,
     ranks_from_fraction,
     tucker2_ranks_alpha,
     tucker2_vbmf_ranks,
+    validate_cp_rank,
     validate_tucker2_ranks,
 )
 from sigma_core.surgery import (
@@ -36,6 +43,14 @@ from sigma_core.surgery import (
 )
 
 __all__ = [
+    "LowRank1x1Conv",
+    "LowRankResult",
+    "WeightedTucker2Config",
+    "ag_lra",
+    "fw_lra",
+    "svd_sigma",
+    "svd_truncated",
+    "weighted_tucker2",
     "EVBMFResult",
     "LayerChoice",
     "LowRankLinear",
@@ -73,3 +88,5 @@ __all__ = [
     "validate_sigma",
     "validate_tucker2_ranks",
 ]
+__all__ += ["CPConv", "CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma",
+            "cp_rank_alpha", "cp_rank_from_fraction", "cp_vbmf_rank", "validate_cp_rank"]

@@ -1,7 +1,9 @@
 """Factorized layers built from decomposition results.
 
 ``Tucker2Conv`` replaces a dense conv by three convs (Kim et al. 2016; paper Sec. 3.2),
-``LowRankLinear`` replaces a dense linear layer by two (paper App. E). Each is built from the original
+``LowRankLinear`` replaces a dense linear layer by two and ``LowRank1x1Conv`` a 1x1 conv by two
+1x1 convs (paper App. E), ``CPConv`` a dense conv by 1x1 -> Hx1 depthwise -> 1xW depthwise -> 1x1
+(Lebedev et al. 2015; paper Sec. 3.1). Each is built from the original
 layer plus the factors, reproduces the dense layer with the reconstructed weight exactly (up to float
 rounding), and can be rebuilt empty from its JSON-able :meth:`spec` before loading a state dict.
 """
@@ -14,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sigma_core.decompose._result import Tucker2Result
+from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result
 
-__all__ = ["Tucker2Conv", "LowRankLinear", "module_from_spec"]
+__all__ = ["Tucker2Conv", "LowRankLinear", "LowRank1x1Conv", "CPConv", "module_from_spec"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -300,8 +302,308 @@ def _check_linear_factors(linear: nn.Module, first: torch.Tensor, second: torch.
                          f"got first {tuple(first.shape)}, second {tuple(second.shape)}")
 
 
+class LowRank1x1Conv(nn.Module):
+    """Rank-``r`` factorized 1x1 convolution: two 1x1 convs ``S -> r -> T`` (paper App. E applied per pixel).
+
+    A 1x1 conv is the linear map ``W`` (T, S) applied to the channel vector at every output position, so its
+    SVD / SVD-Sigma factorization ``W~ = second @ first`` gives ``x -> conv1x1(second) (conv1x1(first) x)``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``S`` and ``T`` of the original conv.
+    rank : int
+        ``r >= 1``.
+    stride, padding, dilation, padding_mode
+        As in :class:`torch.nn.Conv2d`; applied by the first conv only (the second runs on its output grid).
+    bias : bool
+        Whether the second conv carries the original bias.
+    device, dtype : optional
+        Where and how the (uninitialized) weights are allocated.
+
+    Attributes
+    ----------
+    first : nn.Conv2d
+        1x1, S -> r, no bias, original stride/padding, weight (r, S, 1, 1).
+    second : nn.Conv2d
+        1x1, r -> T, weight (T, r, 1, 1), bias = original bias.
+
+    Notes
+    -----
+    Padding of the original 1x1 conv is exact in the first conv because it has no bias: padded pixels map to 0
+    (zeros) or to the image of copied pixels (reflect/replicate/circular), as in the dense conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int, stride: int | tuple[int, int] = 1,
+                 padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                 padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.rank = int(rank)
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding_arg(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        factory = {"device": device, "dtype": dtype}
+        self.first = nn.Conv2d(in_channels, self.rank, 1, stride=self.stride, padding=self.padding,
+                               dilation=self.dilation, padding_mode=padding_mode, bias=False, **factory)
+        self.second = nn.Conv2d(self.rank, out_channels, 1, bias=bias, **factory)
+
+    @classmethod
+    def empty(cls, in_channels: int, out_channels: int, rank: int, stride: int | tuple[int, int] = 1,
+              padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+              padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> "LowRank1x1Conv":
+        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
+        return cls(in_channels, out_channels, rank, stride=stride, padding=padding, dilation=dilation,
+                   padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_result(cls, conv: nn.Conv2d, result: LowRankResult) -> "LowRank1x1Conv":
+        """Build the factorized replacement of a 1x1 ``conv`` from an SVD / SVD-Sigma result.
+
+        Parameters
+        ----------
+        conv : nn.Conv2d
+            Original 1x1 conv, ``groups == 1``, weight (T, S, 1, 1); stride, padding, dilation, padding mode and
+            bias are carried over.
+        result : LowRankResult
+            ``first`` (r, S), ``second`` (T, r); cast to the conv weight's dtype and device.
+
+        Raises
+        ------
+        ValueError
+            ``conv`` is not a 1x1 ``nn.Conv2d`` with ``groups == 1`` or the factors do not fit its weight.
+        """
+        _check_1x1_source(conv, result)
+        weight = conv.weight
+        module = cls.empty(conv.in_channels, conv.out_channels, result.rank, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode,
+                           bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
+        cast = {"device": weight.device, "dtype": weight.dtype}
+        with torch.no_grad():
+            module.first.weight.copy_(result.first.detach().to(**cast)[:, :, None, None])
+            module.second.weight.copy_(result.second.detach().to(**cast)[:, :, None, None])
+            if conv.bias is not None:
+                module.second.bias.copy_(conv.bias.detach())
+        return module.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
+        return self.second(self.first(x))
+
+    def reconstructed_kernel(self) -> torch.Tensor:
+        """Dense kernel ``second @ first``, shape (T, S, 1, 1)."""
+        return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
+        return {
+            "type": type(self).__name__,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "rank": self.rank,
+            "stride": _to_json(self.stride),
+            "padding": _to_json(self.padding),
+            "dilation": _to_json(self.dilation),
+            "padding_mode": self.padding_mode,
+            "bias": self.second.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, rank={self.rank}, stride={self.stride}"
+
+
+def _check_1x1_source(conv: nn.Module, result: LowRankResult) -> None:
+    if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (1, 1):
+        kind = f"{tuple(conv.kernel_size)} conv" if isinstance(conv, nn.Conv2d) else type(conv).__name__
+        raise ValueError(f"LowRank1x1Conv.from_result needs a 1x1 nn.Conv2d, got a {kind}; "
+                         "factorize larger kernels with Tucker2Conv / a CP layer")
+    if conv.groups != 1:
+        raise ValueError(f"LowRank1x1Conv does not apply to grouped 1x1 convs (groups={conv.groups}): the weight "
+                         f"{tuple(conv.weight.shape)} is block-diagonal over channels, not one (T, S) matrix; "
+                         "leave this layer out of the plan")
+    if not isinstance(result, LowRankResult):
+        raise ValueError(f"result must be a LowRankResult, got {type(result).__name__}")
+    t, s = conv.out_channels, conv.in_channels
+    if tuple(result.first.shape) != (result.rank, s) or tuple(result.second.shape) != (t, result.rank):
+        raise ValueError(f"factors first {tuple(result.first.shape)} / second {tuple(result.second.shape)} do not "
+                         f"fit the conv weight {tuple(conv.weight.shape)}; decompose this layer's own weight")
+
+
+class CPConv(nn.Module):
+    """Rank-R CP factorized 2-D convolution (Lebedev et al. 2015; paper Sec. 3.1).
+
+    ``x -> conv1x1(U_S^T) -> depthwise Hx1 (U_H) -> depthwise 1xW (U_W) -> conv1x1(U_T) + bias``, which equals the
+    dense conv with kernel ``K~[t,s,h,w] = sum_r U_T[t,r] U_S[s,r] U_H[h,r] U_W[w,r]`` of shape (T, S, H, W).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``S`` and ``T`` of the original conv.
+    kernel_size : int or tuple of int
+        ``(H, W)``.
+    rank : int
+        ``R >= 1``.
+    stride, padding, dilation, padding_mode
+        As in :class:`torch.nn.Conv2d`; the height components go to ``depth_h``, the width components to
+        ``depth_w``.
+    bias : bool
+        Whether the last 1x1 conv carries the original bias.
+    device, dtype : optional
+        Where and how the (uninitialized) weights are allocated.
+
+    Attributes
+    ----------
+    in_proj : nn.Conv2d
+        1x1, S -> R, no bias, weight (R, S, 1, 1) = ``U_S^T``.
+    depth_h : nn.Conv2d
+        (H, 1) depthwise (``groups=R``), no bias, weight (R, 1, H, 1) = ``U_H^T``; stride ``(s_h, 1)``, padding
+        ``(p_h, 0)``, dilation ``(d_h, 1)``.
+    depth_w : nn.Conv2d
+        (1, W) depthwise, no bias, weight (R, 1, 1, W) = ``U_W^T``; stride ``(1, s_w)``, padding ``(0, p_w)``,
+        dilation ``(1, d_w)``.
+    out_proj : nn.Conv2d
+        1x1, R -> T, weight (T, R, 1, 1) = ``U_T``, bias = original bias.
+
+    Notes
+    -----
+    Splitting the padding between the two depthwise convs is exact for every padding mode, not only zeros:
+    ``reflect``, ``replicate`` and ``circular`` padding of a 2-D image map each padded index ``(i, j)`` to the
+    source pixel ``(f_H(i), f_W(j))`` with one index map per axis, so padding rows and then columns gives the
+    same image (corners included) as padding both at once. ``depth_h`` pads rows of the projected input, and
+    as it acts on every column separately, padding its output's columns equals running it on the
+    column-padded input. The bias-free 1x1 ``in_proj`` commutes with any pixel-copying or zero padding, as
+    for :class:`Tucker2Conv`. The tests check all four modes against the dense conv, with strides,
+    dilations, asymmetric padding and ``padding="same"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
+                 stride: int | tuple[int, int] = 1, padding: int | str | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros", bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        rank = int(rank)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.rank = rank
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding_arg(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        (k_h, k_w), (s_h, s_w), (d_h, d_w) = self.kernel_size, self.stride, self.dilation
+        pad_h, pad_w = (self.padding, self.padding) if isinstance(self.padding, str) else \
+            ((self.padding[0], 0), (0, self.padding[1]))
+        factory = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Conv2d(in_channels, rank, 1, bias=False, **factory)
+        self.depth_h = nn.Conv2d(rank, rank, (k_h, 1), stride=(s_h, 1), padding=pad_h, dilation=(d_h, 1),
+                                 groups=rank, padding_mode=padding_mode, bias=False, **factory)
+        self.depth_w = nn.Conv2d(rank, rank, (1, k_w), stride=(1, s_w), padding=pad_w, dilation=(1, d_w),
+                                 groups=rank, padding_mode=padding_mode, bias=False, **factory)
+        self.out_proj = nn.Conv2d(rank, out_channels, 1, bias=bias, **factory)
+
+    @classmethod
+    def empty(cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
+              stride: int | tuple[int, int] = 1, padding: int | str | tuple[int, int] = 0,
+              dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros", bias: bool = True,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CPConv":
+        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
+        return cls(in_channels, out_channels, kernel_size, rank, stride=stride, padding=padding,
+                   dilation=dilation, padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_result(cls, conv: nn.Conv2d, result: CPResult) -> "CPConv":
+        """Build the factorized replacement of ``conv`` from a CP result.
+
+        Parameters
+        ----------
+        conv : nn.Conv2d
+            The original conv, ``groups == 1``, weight (T, S, H, W). Its stride, padding, dilation, padding
+            mode and bias are carried over.
+        result : CPResult
+            Factors with ``result.kernel_shape == conv.weight.shape``, cast to the conv weight's dtype and
+            device (solvers typically return float64).
+
+        Returns
+        -------
+        CPConv
+            Module on the conv's device and dtype, in the conv's training mode.
+        """
+        _check_cp_source(conv, result)
+        weight = conv.weight
+        module = cls.empty(conv.in_channels, conv.out_channels, conv.kernel_size, result.rank,
+                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                           padding_mode=conv.padding_mode, bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        cast = {"device": weight.device, "dtype": weight.dtype}
+        with torch.no_grad():
+            module.in_proj.weight.copy_(result.u_s.detach().to(**cast).T[:, :, None, None])
+            module.depth_h.weight.copy_(result.u_h.detach().to(**cast).T[:, None, :, None])
+            module.depth_w.weight.copy_(result.u_w.detach().to(**cast).T[:, None, None, :])
+            module.out_proj.weight.copy_(result.u_t.detach().to(**cast)[:, :, None, None])
+            if conv.bias is not None:
+                module.out_proj.bias.copy_(conv.bias.detach())
+        return module.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the four convs; ``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
+        return self.out_proj(self.depth_w(self.depth_h(self.in_proj(x))))
+
+    def reconstructed_kernel(self) -> torch.Tensor:
+        """Dense kernel ``K~[t,s,h,w] = sum_r U_T[t,r] U_S[s,r] U_H[h,r] U_W[w,r]``, shape (T, S, H, W)."""
+        return torch.einsum("tr,rs,rh,rw->tshw", self.out_proj.weight[:, :, 0, 0], self.in_proj.weight[:, :, 0, 0],
+                            self.depth_h.weight[:, 0, :, 0], self.depth_w.weight[:, 0, 0, :])
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
+        return {
+            "type": type(self).__name__,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": _to_json(self.kernel_size),
+            "rank": self.rank,
+            "stride": _to_json(self.stride),
+            "padding": _to_json(self.padding),
+            "dilation": _to_json(self.dilation),
+            "padding_mode": self.padding_mode,
+            "bias": self.out_proj.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}"
+
+
+def _check_cp_source(conv: nn.Module, result: CPResult) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"CPConv.from_result needs an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"CPConv does not apply to grouped/depthwise convs (groups={conv.groups}): its kernel "
+            f"{tuple(conv.weight.shape)} does not mix all input channels, so a CP over (T, S, H, W) is not "
+            f"defined; leave this layer out of the plan")
+    if not isinstance(result, CPResult):
+        raise ValueError(f"result must be a CPResult, got {type(result).__name__}")
+    if tuple(result.kernel_shape) != tuple(conv.weight.shape):
+        raise ValueError(f"result kernel shape {tuple(result.kernel_shape)} does not match the conv weight shape "
+                         f"{tuple(conv.weight.shape)}; decompose this layer's own kernel")
+    if not conv.weight.is_floating_point():
+        raise ValueError(f"conv weight must be floating point, got {conv.weight.dtype}")
+
+
 def _spec_types() -> dict[str, type[nn.Module]]:
-    return {"Tucker2Conv": Tucker2Conv, "LowRankLinear": LowRankLinear}
+    return {"Tucker2Conv": Tucker2Conv, "LowRankLinear": LowRankLinear, "LowRank1x1Conv": LowRank1x1Conv,
+            "CPConv": CPConv}
 
 
 def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = None,

@@ -32,6 +32,13 @@ __all__ = [
     "ranks_from_fraction",
     "validate_tucker2_ranks",
     "RankRule",
+    "cp_vbmf_rank",
+    "cp_rank_alpha",
+    "cp_rank_from_fraction",
+    "validate_cp_rank",
+    "svd_rank_alpha",
+    "svd_rank_from_fraction",
+    "validate_svd_rank",
 ]
 
 # Constant of the EVB threshold (Nakajima et al. 2013, Theorem 2): tau_ubar = 2.5129 sqrt(alpha) is the
@@ -400,42 +407,243 @@ def _check_rank_pair(ranks: Sequence[int]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# CP ranks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cp_vbmf_rank(kernel: torch.Tensor | np.ndarray) -> int:
+    """EVBMF rank of a CP decomposition: the maximum over the four mode unfoldings (paper Sec. 4.3).
+
+    As in Astrid et al. 2018: EVBMF is applied to each unfolding ``T x SHW``, ``S x THW``, ``H x TSW`` and
+    ``W x TSH`` of the kernel and the largest retained rank is ``R_VBMF``.
+
+    Parameters
+    ----------
+    kernel : torch.Tensor or numpy.ndarray, shape (T, S, H, W)
+        Conv kernel in PyTorch layout.
+
+    Returns
+    -------
+    int
+        ``R_VBMF`` in ``[0, max(T, S, H, W)]`` (0 when every unfolding looks like pure noise); the spatial
+        unfoldings have at most H or W rows, so for 3x3 convs the channel modes decide.
+    """
+    arr = _as_kernel(kernel)
+    return max(evbmf(np.moveaxis(arr, mode, 0).reshape(arr.shape[mode], -1)).rank for mode in range(4))
+
+
+def cp_rank_alpha(kernel: torch.Tensor | np.ndarray, alpha: float) -> int:
+    """CP rank from EVBMF and the alpha rule (paper Eq. 2 with ``R_max = TSHW / max(T, S, H, W)``).
+
+    Parameters
+    ----------
+    kernel : torch.Tensor or numpy.ndarray, shape (T, S, H, W)
+        Conv kernel.
+    alpha : float
+        VBMF ratio in ``[0, 1]`` (1 = ``R_VBMF``, 0 = ``R_max``).
+
+    Returns
+    -------
+    int
+        ``R_alpha`` with ``1 <= R_alpha <= cp_max_rank(kernel.shape)``.
+    """
+    alpha = _check_alpha(alpha)
+    arr = _as_kernel(kernel)
+    r_max = cp_max_rank(arr.shape)
+    if alpha == 0.0:
+        return r_max  # Eq. 2 gives R_max whatever VBMF says; skip the SVDs
+    return alpha_rank(min(cp_vbmf_rank(arr), r_max), r_max, alpha)
+
+
+def cp_rank_from_fraction(kernel_shape: Sequence[int], fraction: float) -> int:
+    """CP rank as a fixed fraction of :func:`cp_max_rank`.
+
+    Parameters
+    ----------
+    kernel_shape : sequence of int
+        ``(T, S, H, W)``.
+    fraction : float
+        Share in ``(0, 1]`` of ``R_max``.
+
+    Returns
+    -------
+    int
+        ``round(fraction R_max)`` (halves round up), clamped to ``[1, R_max]``.
+    """
+    shape = _check_kernel_shape(kernel_shape)
+    fraction = _check_fraction(fraction)
+    r_max = cp_max_rank(shape)
+    return min(max(_round_half_up(fraction * r_max), 1), r_max)
+
+
+def validate_cp_rank(kernel_shape: Sequence[int], rank: int) -> int:
+    """Check a CP rank against a kernel shape.
+
+    Ranks above ``R_max = TSHW / max(T, S, H, W)`` are rejected: every kernel has an exact CP decomposition
+    with ``R_max`` terms (one per index of all modes but the largest), so a larger rank only adds
+    parameters and makes the ALS systems singular.
+
+    Parameters
+    ----------
+    kernel_shape : sequence of int
+        ``(T, S, H, W)``.
+    rank : int
+        ``R``.
+
+    Returns
+    -------
+    int
+        ``R`` as a plain int.
+
+    Raises
+    ------
+    ValueError
+        If ``rank`` is not an int or lies outside ``[1, R_max]``.
+    """
+    shape = _check_kernel_shape(kernel_shape)
+    if isinstance(rank, np.integer):
+        rank = int(rank)
+    if not _is_int(rank):
+        raise ValueError(f"CP rank must be an int, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"CP rank must be >= 1, got {rank}; a rank-0 decomposition would remove the layer")
+    r_max = cp_max_rank(shape)
+    if rank > r_max:
+        raise ValueError(f"CP rank {rank} exceeds R_max = TSHW / max(T, S, H, W) = {r_max} for kernel {shape}: "
+                         f"an exact CP decomposition with {r_max} terms exists; use a rank <= {r_max}")
+    return int(rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SVD ranks (linear layers and 1x1 convs, paper App. E)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    dims = tuple(shape)
+    if len(dims) == 4 and dims[2:] == (1, 1):
+        dims = dims[:2]
+    if len(dims) != 2 or not all(_is_int(d) and d >= 1 for d in dims):
+        raise ValueError(f"SVD ranks need a matrix shape (out, in) or a 1x1 conv kernel shape (T, S, 1, 1), "
+                         f"got {shape!r}; use Tucker-2 or CP ranks for larger kernels")
+    return int(dims[0]), int(dims[1])
+
+
+def validate_svd_rank(shape: Sequence[int], rank: int) -> int:
+    """Check an SVD rank against a weight shape (out, in) or (T, S, 1, 1): ``1 <= rank <= min(out, in)``."""
+    out_f, in_f = _check_matrix_shape(shape)
+    if isinstance(rank, np.integer):
+        rank = int(rank)
+    if not _is_int(rank) or rank < 1:
+        raise ValueError(f"SVD rank must be an int >= 1, got {rank!r}")
+    if rank > min(out_f, in_f):
+        raise ValueError(f"SVD rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of the weight {tuple(shape)}; "
+                         f"use a rank <= {min(out_f, in_f)}")
+    return int(rank)
+
+
+def svd_rank_alpha(weight: torch.Tensor | np.ndarray, alpha: float) -> int:
+    """SVD rank from EVBMF on the weight matrix and the alpha rule (paper Eq. 2, ``R_max = min(out, in)``).
+
+    Parameters
+    ----------
+    weight : torch.Tensor or numpy.ndarray, shape (out, in) or (T, S, 1, 1)
+    alpha : float
+        VBMF ratio in ``[0, 1]`` (1 = EVBMF rank, 0 = full rank).
+
+    Returns
+    -------
+    int
+        Rank in ``[1, min(out, in)]``.
+    """
+    alpha = _check_alpha(alpha)
+    out_f, in_f = _check_matrix_shape(tuple(weight.shape))
+    r_max = min(out_f, in_f)
+    if alpha == 0.0:
+        return r_max
+    mat = weight.reshape(out_f, in_f)
+    return alpha_rank(min(evbmf(mat).rank, r_max), r_max, alpha)
+
+
+def svd_rank_from_fraction(shape: Sequence[int], fraction: float) -> int:
+    """SVD rank ``round(fraction * min(out, in))`` (halves round up), clamped to ``[1, min(out, in)]``."""
+    out_f, in_f = _check_matrix_shape(shape)
+    fraction = _check_fraction(fraction)
+    r_max = min(out_f, in_f)
+    return min(max(_round_half_up(fraction * r_max), 1), r_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Rank rule
 # ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RankRule:
-    """How to choose a layer's Tucker-2 ranks; exactly one field is set.
+    """How to choose a layer's ranks (Tucker-2 pair or CP rank); exactly one field is set.
 
     Attributes
     ----------
     alpha : float, optional
         VBMF ratio of Eq. 2 in ``[0, 1]`` (EVBMF on the unfoldings, then interpolation to full rank).
     ranks : tuple of int, optional
-        Fixed ``(R_T, R_S)``, each ``>= 1``; checked against the kernel in :meth:`resolve`.
+        Fixed Tucker-2 ``(R_T, R_S)``, each ``>= 1``; checked against the kernel in :meth:`resolve`.
     fraction : float, optional
-        Share in ``(0, 1]`` of ``T`` and of ``S`` (see :func:`ranks_from_fraction`).
+        Share in ``(0, 1]`` of ``T`` and of ``S`` (see :func:`ranks_from_fraction`), or of ``R_max`` for CP
+        (see :func:`cp_rank_from_fraction`).
+    cp_rank : int, optional
+        Fixed CP rank ``R >= 1``; checked against the kernel in :meth:`resolve_cp`. A separate field (not a
+        1-tuple ``ranks``) so that a Tucker-2 pair and a CP rank can never be confused.
+    svd_rank : int, optional
+        Fixed SVD rank ``r >= 1`` of a linear layer / 1x1 conv (App. E); checked in :meth:`resolve_svd`.
+
+    Notes
+    -----
+    :meth:`resolve` serves the Tucker-2 methods, :meth:`resolve_cp` the CP methods. Asking a rule made for
+    one family (``ranks`` or ``cp_rank``) to resolve the other raises ``ValueError``; ``alpha`` and
+    ``fraction`` serve both.
     """
 
     alpha: float | None = None
     ranks: tuple[int, int] | None = None
     fraction: float | None = None
+    cp_rank: int | None = None
+    svd_rank: int | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("alpha", "ranks", "fraction") if getattr(self, name) is not None]
+        fields = ("alpha", "ranks", "fraction", "cp_rank", "svd_rank")
+        given = [name for name in fields if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"RankRule needs exactly one of alpha, ranks, fraction; got "
+            raise ValueError(f"RankRule needs exactly one of alpha, ranks, fraction, cp_rank, svd_rank; got "
                              f"{given or 'none'}")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", _check_alpha(self.alpha))
         if self.ranks is not None:
+            if isinstance(self.ranks, Sequence) and len(self.ranks) == 1:
+                raise ValueError(f"Tucker-2 ranks must be a pair (R_T, R_S), got {tuple(self.ranks)!r}; for a CP "
+                                 f"rank use RankRule(cp_rank={self.ranks[0]!r})")
             object.__setattr__(self, "ranks", _check_rank_pair(self.ranks))
         if self.fraction is not None:
             object.__setattr__(self, "fraction", _check_fraction(self.fraction))
+        if self.cp_rank is not None:
+            rank = int(self.cp_rank) if isinstance(self.cp_rank, np.integer) else self.cp_rank
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"cp_rank must be an int >= 1, got {self.cp_rank!r}")
+            object.__setattr__(self, "cp_rank", int(rank))
+        if self.svd_rank is not None:
+            rank = int(self.svd_rank) if isinstance(self.svd_rank, np.integer) else self.svd_rank
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"svd_rank must be an int >= 1, got {self.svd_rank!r}")
+            object.__setattr__(self, "svd_rank", int(rank))
 
     def resolve(self, kernel: torch.Tensor | np.ndarray) -> tuple[int, int]:
         """Tucker-2 ranks ``(R_T, R_S)`` for a conv kernel of shape (T, S, H, W)."""
+        if self.cp_rank is not None:
+            raise ValueError(f"RankRule(cp_rank={self.cp_rank}) is a CP rank; a Tucker-2 method needs "
+                             f"RankRule(ranks=(R_T, R_S)), alpha or fraction")
+        if self.svd_rank is not None:
+            raise ValueError(f"RankRule(svd_rank={self.svd_rank}) is an SVD rank; a Tucker-2 method needs "
+                             f"RankRule(ranks=(R_T, R_S)), alpha or fraction")
         if self.alpha is not None:
             return tucker2_ranks_alpha(kernel, self.alpha)
         shape = tuple(kernel.shape)
@@ -443,10 +651,50 @@ class RankRule:
             return validate_tucker2_ranks(shape, self.ranks)
         return ranks_from_fraction(shape, self.fraction)  # type: ignore[arg-type]
 
+    def resolve_cp(self, kernel: torch.Tensor | np.ndarray) -> int:
+        """CP rank ``R`` for a conv kernel of shape (T, S, H, W).
+
+        ``alpha``: :func:`cp_rank_alpha`; ``cp_rank``: checked by :func:`validate_cp_rank`; ``fraction``:
+        :func:`cp_rank_from_fraction`. A Tucker-2 ``ranks`` pair raises ``ValueError``.
+        """
+        if self.ranks is not None:
+            raise ValueError(f"RankRule(ranks={self.ranks}) holds Tucker-2 ranks (R_T, R_S); a CP method needs "
+                             f"RankRule(cp_rank=R), alpha or fraction")
+        if self.svd_rank is not None:
+            raise ValueError(f"RankRule(svd_rank={self.svd_rank}) is an SVD rank; a CP method needs "
+                             f"RankRule(cp_rank=R), alpha or fraction")
+        if self.alpha is not None:
+            return cp_rank_alpha(kernel, self.alpha)
+        shape = tuple(kernel.shape)
+        if self.cp_rank is not None:
+            return validate_cp_rank(shape, self.cp_rank)
+        return cp_rank_from_fraction(shape, self.fraction)  # type: ignore[arg-type]
+
+    def resolve_svd(self, weight: torch.Tensor | np.ndarray) -> int:
+        """SVD rank ``r`` of a linear weight (out, in) or 1x1 conv kernel (T, S, 1, 1) (paper App. E).
+
+        ``alpha``: :func:`svd_rank_alpha` (EVBMF on the matrix, ``R_max = min(out, in)``); ``svd_rank``: checked by
+        :func:`validate_svd_rank`; ``fraction``: :func:`svd_rank_from_fraction`. Tucker-2 ``ranks`` and
+        ``cp_rank`` raise ``ValueError``.
+        """
+        if self.ranks is not None or self.cp_rank is not None:
+            given = f"ranks={self.ranks}" if self.ranks is not None else f"cp_rank={self.cp_rank}"
+            raise ValueError(f"RankRule({given}) is not an SVD rank; an SVD method needs RankRule(svd_rank=r), "
+                             f"alpha or fraction")
+        if self.alpha is not None:
+            return svd_rank_alpha(weight, self.alpha)
+        if self.svd_rank is not None:
+            return validate_svd_rank(tuple(weight.shape), self.svd_rank)
+        return svd_rank_from_fraction(tuple(weight.shape), self.fraction)  # type: ignore[arg-type]
+
     def describe(self) -> str:
         """One-line human-readable description, e.g. ``"alpha=0.5 (VBMF rule, Eq. 2)"``."""
         if self.alpha is not None:
             return f"alpha={self.alpha:g} (VBMF rule, Eq. 2)"
         if self.ranks is not None:
             return f"fixed ranks (R_T, R_S)={self.ranks}"
+        if self.cp_rank is not None:
+            return f"fixed CP rank R={self.cp_rank}"
+        if self.svd_rank is not None:
+            return f"fixed SVD rank r={self.svd_rank}"
         return f"fraction={self.fraction:g} of T and S"

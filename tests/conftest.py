@@ -4,3 +4,5 @@ import os
 
 # Spin-waiting OpenMP threads make small kernels ~40x slower on shared 2-core machines (design.md, Threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's OpenBLAS threads spin while waiting as well; one thread is faster on a loaded machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

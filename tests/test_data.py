@@ -256,6 +256,14 @@ def test_dataset_spec_identity_and_build(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(DatasetSpec("digits", split="test").build()) == len(DigitsDataset("test"))
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"name": "mnist"}, {"name": "digits", "split": "val"}, {"name": "digits", "resample": "box"}]
+)
+def test_dataset_spec_validates_early(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="valid"):
+        DatasetSpec(**kwargs)
+
+
 def test_sample_subset_is_deterministic_without_replacement() -> None:
     dataset = DigitsDataset("train")
     first = sample_subset(dataset, 100, seed=3)

@@ -116,7 +116,9 @@ def small() -> nn.Module:
 
 
 @pytest.mark.parametrize("nest_key", [None, "state_dict", "model"])
-def test_nested_and_prefixed_state_dicts(small: nn.Module, tmp_path: Path, nest_key: str | None) -> None:
+def test_nested_and_prefixed_state_dicts(
+    small: nn.Module, tmp_path: Path, nest_key: str | None
+) -> None:
     state = {f"module.{k}": v for k, v in small.state_dict().items()}
     payload = state if nest_key is None else {nest_key: state, "epoch": 3}
     torch.save(payload, tmp_path / "ckpt.pth")
@@ -128,8 +130,12 @@ def test_safetensors_detected_without_suffix(small: nn.Module, tmp_path: Path) -
     assert read_state_dict(path).keys() == small.state_dict().keys()
 
 
-def test_in_memory_state_dict(small: nn.Module) -> None:
-    assert _state_equal(small, build_model("vgg-fmnist", weights=small.state_dict()))
+def test_in_memory_state_dict_is_copied(small: nn.Module) -> None:
+    loaded = build_model("vgg-fmnist", weights=small.state_dict())
+    assert _state_equal(small, loaded)
+    with torch.no_grad():
+        loaded.classifier[4].bias.add_(1.0)
+    assert not _state_equal(small, loaded), "the new model must not alias the source tensors"
 
 
 # --------------------------------------------------------------------------- #
@@ -144,7 +150,9 @@ def test_wrong_num_classes_reports_shape_mismatch(tmp_path: Path) -> None:
     assert "shape mismatches" in message and "fc.weight: file (10, 512) vs model (5, 512)" in message
 
 
-def test_wrong_architecture_reports_missing_and_unexpected_keys(small: nn.Module, tmp_path: Path) -> None:
+def test_wrong_architecture_reports_missing_and_unexpected_keys(
+    small: nn.Module, tmp_path: Path
+) -> None:
     path = _save_safetensors(small, tmp_path / "vgg.safetensors")
     with pytest.raises(ValueError) as info:
         build_model("resnet-fmnist", weights=path)

@@ -129,7 +129,9 @@ def test_second_call_loads_from_cache(
 
 
 @needs_fmnist
-def test_training_is_deterministic(trained: tuple[Path, nn.Module, dict], tmp_path: Path, data_cache: Path) -> None:
+def test_training_is_deterministic(
+    trained: tuple[Path, nn.Module, dict], tmp_path: Path, data_cache: Path
+) -> None:
     state = torch.get_rng_state()
     model, _ = train_reference(TINY, tmp_path, progress=False, data_cache_dir=data_cache)
     assert torch.equal(torch.get_rng_state(), state), "global RNG must be left untouched"
@@ -220,7 +222,8 @@ class _Fixed(nn.Module):
 
 
 def test_evaluate_top1_top5() -> None:
-    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4], [9.0, 8, 7, 6, 5, 4], [9.0, 8, 7, 6, 5, 4], [0.0, 1, 2, 3, 4, 5]])
+    descending = [9.0, 8, 7, 6, 5, 4]
+    logits = torch.tensor([descending, descending, descending, [0.0, 1, 2, 3, 4, 5]])
     labels = torch.tensor([0, 4, 5, 5])
     loader = [(torch.tensor([0.0, 1]), labels[:2]), (torch.tensor([2.0, 3]), labels[2:])]
     model = _Fixed(logits).train()

@@ -67,3 +67,144 @@ class Tucker2Result:
     def reconstruct(self) -> torch.Tensor:
         """Dense kernel ``K~[t,s,h,w] = sum_ab G[a,b,h,w] U_T[t,a] U_S[s,b]``, shape (T, S, H, W)."""
         return torch.einsum("abhw,ta,sb->tshw", self.core, self.u_t, self.u_s)
+
+
+@dataclass(frozen=True)
+class CPResult:
+    """Rank-``R`` CP factorization of a conv kernel ``K ~ sum_r U_T[:, r] o U_S[:, r] o U_H[:, r] o U_W[:, r]``.
+
+    Paper Eq. 1 / Eq. 29; first unfolding ``K~_(1) = U_T (U_S kr U_H kr U_W)^T`` (kr = Khatri-Rao, rows of the
+    Khatri-Rao product ordered ``s*H*W + h*W + w`` as the columns of ``K1``).
+
+    Attributes
+    ----------
+    u_t : torch.Tensor, shape (T, R)
+        Output-channel factor.
+    u_s : torch.Tensor, shape (S, R)
+        Input-channel factor.
+    u_h : torch.Tensor, shape (H, R)
+        Kernel-height factor.
+    u_w : torch.Tensor, shape (W, R)
+        Kernel-width factor.
+    rank : int
+        ``R >= 1``.
+    errors : tuple of float
+        Error history: rel_sigma_err per ALS sweep (sweep 0 = initialization) for the Sigma solvers, per added
+        rank-one term for the deflation, rel_frob_err per iteration for the Frobenius baseline (see ``metric``).
+    converged : bool
+        Whether the stopping tolerance was met before the iteration cap.
+    method : str
+        Registered method name (``"cp-als-sigma"``, ``"cp-als"``, ``"cp-deflation-sigma"``).
+    metric : str
+        What ``errors`` measures: ``"rel_sigma_err"`` or ``"rel_frob_err"``.
+    info : dict
+        Solver diagnostics (timings, CG iterations, ...). Not compared for equality.
+
+    Notes
+    -----
+    There is no separate weight vector: the CP weights (column scales) are folded into the factors. The
+    solvers return them balanced (in each component the four columns have the same norm), which keeps the
+    factorized layer's intermediate activations on the scale of the input.
+    """
+
+    u_t: torch.Tensor
+    u_s: torch.Tensor
+    u_h: torch.Tensor
+    u_w: torch.Tensor
+    rank: int
+    errors: tuple[float, ...]
+    converged: bool
+    method: str
+    metric: str = "rel_sigma_err"
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+               f"rank must be an int >= 1, got {self.rank!r}")
+        for name in ("u_t", "u_s", "u_h", "u_w"):
+            factor = getattr(self, name)
+            _check(isinstance(factor, torch.Tensor) and factor.dim() == 2 and factor.shape[1] == self.rank
+                   and factor.shape[0] >= 1,
+                   f"{name} must be a 2-D tensor (rows, {self.rank}), got "
+                   f"{tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__}")
+        _check(len({(f.dtype, f.device) for f in self.factors}) == 1,
+               "u_t, u_s, u_h, u_w must share one dtype and device")
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_T, U_S, U_H, U_W)``."""
+        return (self.u_t, self.u_s, self.u_h, self.u_w)
+
+    @property
+    def ranks(self) -> tuple[int]:
+        """``(R,)``: the rank as a tuple, like ``Tucker2Result.ranks``."""
+        return (self.rank,)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        """Shape ``(T, S, H, W)`` of the approximated kernel."""
+        return (self.u_t.shape[0], self.u_s.shape[0], self.u_h.shape[0], self.u_w.shape[0])
+
+    def reconstruct(self) -> torch.Tensor:
+        """Dense kernel ``K~[t,s,h,w] = sum_r U_T[t,r] U_S[s,r] U_H[h,r] U_W[w,r]``, shape (T, S, H, W)."""
+        return torch.einsum("tr,sr,hr,wr->tshw", self.u_t, self.u_s, self.u_h, self.u_w)
+
+
+@dataclass(frozen=True)
+class LowRankResult:
+    """Rank-``r`` factorization ``W ~ second @ first`` of a linear weight or a 1x1 conv kernel (paper App. E).
+
+    Attributes
+    ----------
+    first : torch.Tensor, shape (r, in)
+        Weight of the first (input-side) layer: ``S_r V_r^T L^{-1}`` for SVD-Sigma, ``S_r V_r^T`` for plain SVD
+        (both equal ``U_r^T W``; see :mod:`sigma_core.decompose.svd_sigma`).
+    second : torch.Tensor, shape (out, r)
+        Weight of the second (output-side) layer: ``U_r`` (orthonormal columns).
+    rank : int
+        ``r``.
+    errors : tuple of float
+        One value: the relative error of the truncation under ``metric``.
+    converged : bool
+        Always True (closed form).
+    method : str
+        Registered method name (``"svd-sigma"``, ``"svd"``).
+    metric : str
+        ``"rel_sigma_err"`` or ``"rel_frob_err"``.
+    shape : tuple of int, optional
+        Shape of the original weight, ``(out, in)`` or ``(T, S, 1, 1)``; :meth:`reconstruct` returns this shape.
+        Defaults to ``(out, in)``.
+    info : dict
+        Diagnostics (singular values, factor method, seconds). Not compared for equality.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    rank: int
+    errors: tuple[float, ...]
+    converged: bool
+    method: str
+    metric: str = "rel_sigma_err"
+    shape: tuple[int, ...] | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        r = self.rank
+        _check(self.first.dim() == 2 and self.first.shape[0] == r,
+               f"first must be ({r}, in), got {tuple(self.first.shape)}")
+        _check(self.second.dim() == 2 and self.second.shape[1] == r,
+               f"second must be (out, {r}), got {tuple(self.second.shape)}")
+        matrix = (self.second.shape[0], self.first.shape[1])
+        if self.shape is None:
+            object.__setattr__(self, "shape", matrix)
+        _check(self.shape[:2] == matrix and all(d == 1 for d in self.shape[2:]),
+               f"shape {self.shape} does not match the factors' matrix shape {matrix} (out, in[, 1, 1])")
+
+    @property
+    def ranks(self) -> tuple[int]:
+        """``(r,)``: the rank as a tuple, like the other results' ``ranks``."""
+        return (self.rank,)
+
+    def reconstruct(self) -> torch.Tensor:
+        """Dense weight ``second @ first`` in the original weight's shape (``(out, in)`` or ``(T, S, 1, 1)``)."""
+        return (self.second @ self.first).reshape(self.shape)

@@ -1,0 +1,224 @@
+"""CP-ALS-Sigma vs tensorly's Frobenius ``parafac`` on real-activation Sigma.
+
+    python benchmarks/bench_cp.py [--device cpu|cuda] [--quick] [--images N] [--time-scale X] [--out FILE]
+
+Sigma comes from REAL activations: torchvision ``resnet18(weights=None)`` (random init, seed 0; nothing is
+downloaded) on real Fashion-MNIST training images (grey -> 3 channels, resized, normalized), accumulated with
+``sigma_core.accumulate_sigma`` for layer{1,2,3}.0.conv2 (3x3 convs with 64/128/256 channels). Those layers' own
+kernels are decomposed at the alpha-rule CP rank (alpha 0.8: EVBMF on the four unfoldings, paper Eq. 2) and at a
+fixed fraction (5 %) of R_max = TSHW / max(T, S, H, W).
+
+Per (kernel, rank): tensorly ``parafac`` (tol 1e-8 = its default, max 100 iterations, SVD init) -- time,
+rel_sigma_err and rel_frob_err of its result -- and CP-ALS-Sigma with U_S by PCG, 10 steps per sweep ("inexact",
+all kernels) and solved to 1e-8 ("exact", 64 and 128 channels only, to keep the run under ~10 min): seconds per
+sweep, sweeps, CG iterations, time to come within 1 % of the converged error (the best error either Sigma run
+reached; runs are capped in wall-clock time) and final error. Prints one table (progress on stderr) and writes
+it to ``--out`` (default ``benchmarks/results/cpu-bench_cp.txt`` on CPU). Not a pytest test.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no spin-waiting BLAS threads
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tensorly  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    REPO, base_parser, batches, load_fashion_mnist, log, machine_header, setup, sync, table,
+)
+
+from sigma_core import (  # noqa: E402
+    CPSigmaConfig, accumulate_sigma, cp_als, cp_als_sigma, cp_max_rank, cp_rank_alpha, cp_rank_from_fraction,
+    cp_vbmf_rank, rel_frob_err, rel_sigma_err,
+)
+
+LAYERS = {64: "layer1.0.conv2", 128: "layer2.0.conv2", 256: "layer3.0.conv2"}
+WITHIN = 0.01  # "time to reach within 1 % of the converged rel_sigma_err"
+ALPHA = 0.8
+FRACTION = 0.05
+CAPS = {64: 15.0, 128: 30.0, 256: 60.0}  # wall-clock cap (s) per CP-ALS-Sigma run at --time-scale 1
+EXACT_UP_TO = 128  # exact-PCG runs only up to this many channels (time budget)
+
+
+class _TimeUp(Exception):
+    pass
+
+
+@dataclass
+class SigmaRun:
+    """History of one cp_als_sigma run, recorded by its callback."""
+
+    label: str
+    times: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    capped: bool = False
+    converged: bool = False
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        return self.errors[-1]
+
+    @property
+    def sweeps(self) -> int:
+        return len(self.errors) - 1
+
+    def time_to(self, target: float) -> float | None:
+        return next((t for t, e in zip(self.times, self.errors) if e <= target), None)
+
+    @property
+    def sweep_seconds(self) -> float | None:
+        s = self.info.get("sweep_seconds", [])[: self.sweeps]
+        return statistics.median(s) if s else None
+
+    @property
+    def cg_per_sweep(self) -> float | None:
+        c = self.info.get("cg_iters", [])[: self.sweeps]
+        return sum(c) / len(c) if c else None
+
+    def monotone(self) -> bool:
+        return all(b <= a * (1 + 1e-12) for a, b in zip(self.errors, self.errors[1:]))
+
+
+def run_sigma(label, kernel, sigma, rank, config: CPSigmaConfig, cap: float, device) -> SigmaRun:
+    """cp_als_sigma recording (time, error) after the initial U_T solve and every sweep; stops after ``cap`` s."""
+    run = SigmaRun(label)
+    sync(device)
+    t0 = time.perf_counter()
+
+    def callback(sweep: int, err: float, info: dict) -> None:
+        sync(device)
+        now = time.perf_counter() - t0
+        run.times.append(now)
+        run.errors.append(err)
+        run.info = info
+        if now > cap and sweep < config.max_iter:
+            run.capped = True
+            raise _TimeUp
+
+    try:
+        res = cp_als_sigma(kernel, sigma, rank, config=config, callback=callback)
+        run.converged, run.info = res.converged, res.info
+    except _TimeUp:
+        pass
+    sync(device)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_parafac(kernel, sigma, rank):
+    t0 = time.perf_counter()
+    res = cp_als(kernel.cpu(), rank, n_iter_max=100, tol=1e-8, random_state=0)
+    seconds = time.perf_counter() - t0
+    approx = res.reconstruct()
+    return seconds, res, rel_sigma_err(kernel, approx.to(sigma.device), sigma), rel_frob_err(kernel.cpu(), approx)
+
+
+def collect_sigmas(channels, images: int, image_size: int, batch: int, device):
+    """Sigma of layer{1,2,3}.0.conv2 of resnet18(weights=None, seed 0) on real Fashion-MNIST images."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).to(device).eval()
+    names = [LAYERS[c] for c in channels]
+    x = load_fashion_mnist(images, size=image_size)
+    t0 = time.perf_counter()
+    accs = accumulate_sigma(model, batches(x, batch), names, device=device, compute_dtype=torch.float64)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    modules = dict(model.named_modules())
+    out = {c: (name, modules[name].weight.detach().to(torch.float64), accs[name].finalize(), accs[name].count)
+           for c, name in zip(channels, names)}
+    return out, seconds
+
+
+def fmt_t(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None, help="images for Sigma (default 500; --quick 200)")
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="image side (128 -> conv2 inputs of 32/16/8 pixels for 64/128/256 channels)")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies the per-run time caps")
+    parser.add_argument("--max-iter", type=int, default=500, help="sweep cap of the Sigma runs")
+    parser.add_argument("--out", default=None, help="also write the output here (default benchmarks/results/"
+                                                     "<cpu|cuda>-bench_cp.txt)")
+    args = parser.parse_args()
+    device = setup(args)
+    t_start = time.perf_counter()
+    channels = [64, 128] if args.quick else [64, 128, 256]
+    images = args.images or (200 if args.quick else 500)
+    scale = args.time_scale * (0.3 if args.quick else 1.0)
+    caps = {c: CAPS[c] * scale for c in channels}
+    lines = [machine_header(device),
+             f"Sigma: resnet18(weights=None, seed 0) on {images} Fashion-MNIST train images, 3x{args.image_size}x"
+             f"{args.image_size}, accumulate_sigma float64; kernels = those layers' own weights (float64)",
+             f"CP-ALS-Sigma: init svd, tol 1e-7, max_iter {args.max_iter}, wall-clock cap per run "
+             + ", ".join(f"{c}ch {caps[c]:.0f}s" for c in channels)
+             + f"; parafac: tensorly {tensorly.__version__} numpy backend, init svd (random fill, seed 0), "
+               "tol 1e-8, 100 iter max",
+             ""]
+
+    log(f"accumulating Sigma over {images} images ...")
+    sigmas, sigma_seconds = collect_sigmas(channels, images, args.image_size, args.batch, device)
+    lines.append(f"Sigma accumulation for {len(channels)} layers in one pass: {sigma_seconds:.1f} s")
+    rows = []
+    for c in channels:
+        name, kernel, sigma, count = sigmas[c]
+        kernel, sigma = kernel.to(device), sigma.to(device)
+        ev = torch.linalg.eigvalsh(sigma)
+        r_max, r_vbmf = cp_max_rank(kernel.shape), cp_vbmf_rank(kernel.cpu())
+        lines.append(f"{name} {tuple(kernel.shape)}: {count} patches, Sigma cond {float(ev[-1] / ev[0]):.2e}; "
+                     f"R_max {r_max}, R_VBMF {r_vbmf}")
+        for rule, rank in ((f"alpha {ALPHA}", cp_rank_alpha(kernel.cpu(), ALPHA)),
+                           (f"{FRACTION:.0%} R_max", cp_rank_from_fraction(kernel.shape, FRACTION))):
+            tag = f"{tuple(kernel.shape)} R={rank} ({rule})"
+            log(f"{tag}: parafac ...")
+            t_pf, r_pf, se_pf, fe_pf = run_parafac(kernel, sigma, rank)
+            configs = [("PCG 10 steps", CPSigmaConfig(solver="cg", cg_steps=10, tol=1e-7, max_iter=args.max_iter))]
+            if c <= EXACT_UP_TO:
+                configs.append(("exact PCG", CPSigmaConfig(solver="cg", tol=1e-7, max_iter=args.max_iter)))
+            runs = []
+            for label, cfg in configs:
+                log(f"{tag}: CP-ALS-Sigma {label} ...")
+                runs.append(run_sigma(label, kernel, sigma, rank, cfg, caps[c], device))
+            ref = min(r.final for r in runs)
+            rows.append([tag, "parafac (Frobenius)", fmt_t(t_pf), "-", str(r_pf.info["iterations"]), "-", "-",
+                         f"{se_pf:.4f}", f"{fe_pf:.4f}", "1.00", "-"])
+            for r in runs:
+                t1 = r.time_to(ref * (1 + WITHIN))
+                status = "capped" if r.capped else ("conv" if r.converged else "max_iter")
+                rows.append([tag, f"Sigma {r.label}", fmt_t(r.seconds), fmt_t(r.sweep_seconds),
+                             f"{r.sweeps} {status}", "-" if r.cg_per_sweep is None else f"{r.cg_per_sweep:.0f}",
+                             fmt_t(t1), f"{r.final:.4f}", "-", f"{r.final / se_pf:.3f}",
+                             "yes" if r.monotone() else "NO"])
+            rows.append([""] * 11)
+    rows.pop()
+    lines += ["", table(
+        ["kernel, rank (rule)", "method", "total s", "s/sweep", "sweeps", "CG it/sweep", "t->1% s",
+         "rel_sigma_err", "rel_frob_err", "err/err(parafac)", "monotone"], rows,
+        title="CP: tensorly parafac (Frobenius) vs CP-ALS-Sigma. t->1%: first time the run's rel_sigma_err <= 1.01 x "
+              "the best error of the Sigma runs of that row group (capped runs: best within the cap)"),
+        "", f"total benchmark time: {time.perf_counter() - t_start:.0f} s"]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{device.type}-bench_cp.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(compress, demo=False)
     demo = sub.add_parser("demo", help="reference model, Sigma from 2,000 images, both methods at several alphas")
     _add_compress(demo, demo=True)
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep from a YAML config (same as python -m jobs.sweep)")
+    sweep.add_argument("--config", required=True, help="YAML file, e.g. jobs/configs/fmnist_demo_sweep.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sweep.add_argument("--dry-run", action="store_true", help="print the grid and exit")
     return parser
 
 
@@ -166,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "sweep":
+            from jobs.sweep import main as sweep_main
+
+            return sweep_main(["--config", args.config, *(f"--set={s}" for s in args.set),
+                               *(["--dry-run"] if args.dry_run else [])])
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -71,10 +71,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600 files; cached artifacts should be readable like normal files.
-    os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
+        # mkstemp makes 0600 files (and some writers recreate the file), so the
+        # mode is set after writing: cached artifacts are shared read-only files.
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -38,6 +38,7 @@ import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -529,9 +530,13 @@ def _read_parquet_rows(filesystem, path: str, group: int, rows, column: str) -> 
     return [value.as_py() for value in values]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _SourcePlan:
-    """Driver-side description of what to read: identity (cache key), N, and how to make the records."""
+    """Driver-side description of what to read: identity (cache key), N, and the records to shard.
+
+    Exactly one of ``arrays`` (materialized image chunks), ``items`` (file or row-group records) and
+    ``parquet_files`` (every row of these files, through ``ray.data.read_parquet``) is set.
+    """
 
     identity: dict
     n_samples: int
@@ -539,10 +544,28 @@ class _SourcePlan:
     centered: bool
     batch_size: int
     decoder: _Decoder
-    records: Any  # callable () -> ray.data.Dataset
-    probe: Any  # callable () -> one transformed image (C, H, W)
+    probe: torch.Tensor  # one transformed image (C, H, W): input shape for the memory estimate
+    arrays: list | None = None
+    items: list | None = None
+    parquet_files: tuple[str, ...] | None = None
+    filesystem: Any = None
     records_per_batch: int | None = None  # None: batch_size
-    uses_read_tasks: bool = False
+
+    @property
+    def uses_read_tasks(self) -> bool:
+        return self.parquet_files is not None
+
+    def make_dataset(self, num_actors: int, read_cpus: float):
+        """The Ray Dataset of records (call with Ray initialized)."""
+        if self.arrays is not None:
+            return ray.data.from_numpy(self.arrays)
+        if self.items is not None:
+            per_block = self.records_per_batch or self.batch_size
+            return ray.data.from_items(self.items, override_num_blocks=_blocks(len(self.items), per_block,
+                                                                               num_actors))
+        # Read tasks are light (I/O); a fraction of a CPU keeps them schedulable next to the actors.
+        return ray.data.read_parquet(list(self.parquet_files), filesystem=self.filesystem,
+                                     columns=[self.decoder.column], num_cpus=read_cpus)
 
 
 def _subset_indices(size: int, n: int | None, seed: int) -> list[int]:
@@ -557,52 +580,44 @@ def _blocks(n_records: int, per_batch: int, num_actors: int) -> int:
     return max(1, min(n_records, max(2 * num_actors, math.ceil(n_records / per_batch))))
 
 
-def _plan_source(source, num_actors: int, batch_size: int | None, data_cache_dir) -> _SourcePlan:
+def _plan_source(source, batch_size: int | None, data_cache_dir) -> _SourcePlan:
     from pipeline.compress import SigmaSource
 
     if isinstance(source, SigmaSource):
         if source.dataset.name == "imagefolder":
-            return _plan_dataset_folder(source, num_actors, batch_size)
-        return _plan_materialized(source, num_actors, batch_size, data_cache_dir)
+            return _plan_dataset_folder(source, batch_size)
+        return _plan_materialized(source, batch_size, data_cache_dir)
     if isinstance(source, ImageFolderSource):
-        return _plan_folder(source, num_actors, batch_size)
+        return _plan_folder(source, batch_size)
     if isinstance(source, ParquetSource):
-        return _plan_parquet(source, num_actors, batch_size)
+        return _plan_parquet(source, batch_size)
     raise TypeError(f"source must be a SigmaSource, ImageFolderSource or ParquetSource, got {type(source).__name__}")
 
 
-def _plan_materialized(source: "SigmaSource", num_actors, batch_size, data_cache_dir) -> _SourcePlan:
+def _plan_materialized(source: "SigmaSource", batch_size, data_cache_dir) -> _SourcePlan:
     """Dataset views held in memory (fashion-mnist, digits): the sampled subset is materialized on the driver."""
     dataset = source.dataset.build(cache_dir=data_cache_dir)
     subset = sample_subset(dataset, source.n_samples, source.seed)
     images = torch.stack([subset[i][0] for i in range(len(subset))]).to(torch.float32).numpy()
     bs = batch_size or source.batch_size
-    chunks = np.array_split(images, _blocks(len(images), bs, num_actors))
     return _SourcePlan(
         identity=source.dataset.identity(), n_samples=source.n_samples, seed=source.seed,
-        centered=source.centered, batch_size=bs, decoder=_Decoder("tensor"),
-        records=lambda: ray.data.from_numpy(chunks), probe=lambda: torch.from_numpy(images[0]))
+        centered=source.centered, batch_size=bs, decoder=_Decoder("tensor"), probe=torch.from_numpy(images[0]),
+        # About one batch per block, so streaming_split can balance the actors.
+        arrays=np.array_split(images, max(1, math.ceil(len(images) / bs))))
 
 
-def _plan_dataset_folder(source: "SigmaSource", num_actors, batch_size) -> _SourcePlan:
+def _plan_dataset_folder(source: "SigmaSource", batch_size) -> _SourcePlan:
     """DatasetSpec('imagefolder'): the files and transform of pipeline.data.load_image_folder, same key."""
     from pipeline.data import _image_folder_dir
 
     spec = source.dataset
     if spec.root is None:
         raise ValueError("dataset 'imagefolder' needs a root directory")
-    root = _image_folder_dir(_local_root(spec.root), spec.split)
+    root = _image_folder_dir(Path(spec.root).expanduser(), spec.split)
     folder = ImageFolderSource(str(root), ImageTransform.imagenet(spec.image_size, resample=spec.resample),
                                source.n_samples, source.seed, source.centered, batch_size=source.batch_size)
-    plan = _plan_folder(folder, num_actors, batch_size)
-    plan.identity = spec.identity()
-    return plan
-
-
-def _local_root(root: str):
-    from pathlib import Path
-
-    return Path(root).expanduser()
+    return dataclasses.replace(_plan_folder(folder, batch_size), identity=spec.identity())
 
 
 def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
@@ -620,45 +635,45 @@ def _listing_digest(entries: Iterable[tuple[str, int | None, int | None]]) -> st
     return digest.hexdigest()[:24]
 
 
-def _mtime_ns(info: pafs.FileInfo) -> int | None:
-    return info.mtime_ns if info.mtime_ns is not None else None
-
-
 def _list_folder(fs: pafs.FileSystem, root: str, labels_file: str | None) -> tuple[list[pafs.FileInfo], list[int]]:
     """Image files in ImageFolder order (classes sorted, then directories, then names) and their labels."""
     if labels_file is not None:
-        lfs, lpath = _filesystem(labels_file) if "://" in labels_file else (fs, _join(root, labels_file))
-        rows = list(csv.DictReader(io.StringIO(_read_bytes(lfs, lpath).decode())))
-        if not rows or not {"path", "label"} <= set(rows[0]):
-            raise ValueError(f"labels file {labels_file} must be a CSV with a header and columns path,label")
-        infos = fs.get_file_info([_join(root, row["path"]) for row in rows])
-        absent = [info.path for info in infos if info.type != pafs.FileType.File]
-        if absent:
-            raise FileNotFoundError(f"{len(absent)} files listed in {labels_file} do not exist, e.g. {absent[:3]}")
-        return infos, [int(row["label"]) for row in rows]
+        return _list_labels_file(fs, root, labels_file)
     selector = pafs.FileSelector(root, recursive=True)
     files = [info for info in fs.get_file_info(selector)
              if info.type == pafs.FileType.File and info.path.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     prefix = root.rstrip("/") + "/"
-    rel = {info.path: info.path[len(prefix):] if info.path.startswith(prefix) else info.path for info in files}
+    rel = {info.path: info.path.removeprefix(prefix) for info in files}
     classes = sorted({rel[i.path].split("/", 1)[0] for i in files if "/" in rel[i.path]})
     if classes:  # ImageFolder ignores loose files next to the class folders
         files = [i for i in files if "/" in rel[i.path]]
+    # ImageFolder: classes sorted; inside a class sorted(os.walk(...)) then sorted names, i.e. by (dir, name).
+    files.sort(key=lambda i: (rel[i.path].split("/", 1)[0], rel[i.path].rpartition("/")[0], i.base_name))
     class_index = {name: k for k, name in enumerate(classes)}
-    # ImageFolder: classes sorted; inside a class, sorted(os.walk) then sorted names == sort by (dir, name).
-    files.sort(key=lambda i: (rel[i.path].split("/", 1)[0] if "/" in rel[i.path] else "",
-                              rel[i.path].rsplit("/", 1)[0] if "/" in rel[i.path] else "", i.base_name))
-    labels = [class_index.get(rel[i.path].split("/", 1)[0], 0) if "/" in rel[i.path] else 0 for i in files]
+    labels = [class_index.get(rel[i.path].split("/", 1)[0], 0) for i in files]
     return files, labels
+
+
+def _list_labels_file(fs: pafs.FileSystem, root: str, labels_file: str) -> tuple[list[pafs.FileInfo], list[int]]:
+    """Files (in the CSV's order) and labels of a ``path,label`` CSV; relative paths are under ``root``."""
+    lfs, lpath = _filesystem(labels_file) if "://" in labels_file else (fs, _join(root, labels_file))
+    rows = list(csv.DictReader(io.StringIO(_read_bytes(lfs, lpath).decode())))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ValueError(f"labels file {labels_file} must be a CSV with a header and columns path,label")
+    infos = fs.get_file_info([_join(root, row["path"]) for row in rows])
+    absent = [info.path for info in infos if info.type != pafs.FileType.File]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} files listed in {labels_file} do not exist, e.g. {absent[:3]}")
+    return infos, [int(row["label"]) for row in rows]
 
 
 def _join(root: str, rel: str) -> str:
     return rel if rel.startswith("/") else f"{root.rstrip('/')}/{rel}"
 
 
-def _plan_folder(source: ImageFolderSource, num_actors, batch_size) -> _SourcePlan:
+def _plan_folder(source: ImageFolderSource, batch_size) -> _SourcePlan:
     fs, root = _filesystem(source.root)
     files, labels = _list_folder(fs, root, source.labels_file)
     chosen = _subset_indices(len(files), source.n_samples, source.seed)
@@ -668,17 +683,14 @@ def _plan_folder(source: ImageFolderSource, num_actors, batch_size) -> _SourcePl
         "root": source.root if "://" in source.root else root,
         "labels_file": source.labels_file,
         "files": len(files),
-        "listing": _listing_digest((i.path.removeprefix(prefix), i.size, _mtime_ns(i)) for i in files),
+        "listing": _listing_digest((i.path.removeprefix(prefix), i.size, i.mtime_ns) for i in files),
         "transform": source.transform.identity(),
     }
-    items = [{"path": files[k].path, "label": labels[k]} for k in chosen]
-    bs = batch_size or source.batch_size
     decoder = _Decoder("file", source.transform, filesystem=fs)
-    return _SourcePlan(
-        identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered, batch_size=bs,
-        decoder=decoder,
-        records=lambda: ray.data.from_items(items, override_num_blocks=_blocks(len(items), bs, num_actors)),
-        probe=lambda: decoder({"path": np.array([items[0]["path"]])})[0])
+    items = [{"path": files[k].path, "label": labels[k]} for k in chosen]
+    return _SourcePlan(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
+                       batch_size=batch_size or source.batch_size, decoder=decoder,
+                       probe=decoder({"path": np.array([items[0]["path"]])})[0], items=items)
 
 
 def _parquet_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
@@ -704,45 +716,45 @@ def _parquet_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[pa
     return fs, infos
 
 
-def _plan_parquet(source: ParquetSource, num_actors, batch_size) -> _SourcePlan:
+def _parquet_row_groups(fs, infos, column: str) -> list[tuple[str, int, int, int]]:
+    """(path, row group, first global row, rows) of every row group, in file order (metadata only)."""
     import pyarrow.parquet as pq
 
-    fs, infos = _parquet_files(source.paths)
-    groups = []  # (path, row group, first global row, rows in group)
-    total = 0
+    groups, total = [], 0
     for info in infos:
         with fs.open_input_file(info.path) as handle:
             meta = pq.ParquetFile(handle).metadata
-        if source.image_column not in meta.schema.names:
-            raise ValueError(f"{info.path} has no column {source.image_column!r}; columns: {meta.schema.names}")
+        if column not in meta.schema.names:
+            raise ValueError(f"{info.path} has no column {column!r}; columns: {meta.schema.names}")
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
             groups.append((info.path, g, total, rows))
             total += rows
+    return groups
+
+
+def _plan_parquet(source: ParquetSource, batch_size) -> _SourcePlan:
+    fs, infos = _parquet_files(source.paths)
+    groups = _parquet_row_groups(fs, infos, source.image_column)
+    total = sum(g[3] for g in groups)
     chosen = _subset_indices(total, source.n_samples, source.seed)
     identity = {
         "kind": "parquet",
-        "files": [[i.path, i.size, _mtime_ns(i)] for i in infos],
+        "files": [[i.path, i.size, i.mtime_ns] for i in infos],
         "image_column": source.image_column,
         "transform": source.transform.identity(),
     }
-    bs = batch_size or source.batch_size
-    plan = _SourcePlan(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
-                       batch_size=bs, decoder=_Decoder("encoded", source.transform, source.image_column),
-                       records=None, probe=None)
     first = _read_parquet_rows(fs, groups[0][0], groups[0][1], [0], source.image_column)[0]
-    plan.probe = lambda: source.transform(decode_image(first))
+    common = dict(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
+                  batch_size=batch_size or source.batch_size, probe=source.transform(decode_image(first)),
+                  filesystem=fs)
     if len(chosen) == total:
-        # Every row: Ray Data's Parquet reader streams the image column (read tasks, light on CPU).
-        plan.uses_read_tasks = True
-        plan.records = lambda read_cpus: ray.data.read_parquet(
-            [i.path for i in infos], filesystem=fs, columns=[source.image_column], num_cpus=read_cpus)
-        return plan
-    items = _row_group_items(groups, chosen)
-    plan.decoder = _Decoder("rowgroup", source.transform, source.image_column, filesystem=fs)
-    plan.records_per_batch = 1
-    plan.records = lambda: ray.data.from_items(items, override_num_blocks=_blocks(len(items), 1, num_actors))
-    return plan
+        # Every row: Ray Data's Parquet reader streams the image column.
+        return _SourcePlan(**common, decoder=_Decoder("encoded", source.transform, source.image_column),
+                           parquet_files=tuple(i.path for i in infos))
+    # A subset: one record per row group holding chosen rows; the actor reads that group and keeps them.
+    return _SourcePlan(**common, decoder=_Decoder("rowgroup", source.transform, source.image_column, filesystem=fs),
+                       items=_row_group_items(groups, chosen), records_per_batch=1)
 
 
 def _row_group_items(groups, chosen: Sequence[int]) -> list[dict]:
@@ -937,7 +949,7 @@ def ray_compute_sigmas(
         cache = SigmaCache(cache)
     tic = time.perf_counter()
     model = _build(model_spec)
-    plan = _plan_source(source, config.num_actors, config.batch_size, data_cache_dir)
+    plan = _plan_source(source, config.batch_size, data_cache_dir)
     key = SigmaKey(model_fingerprint(model), plan.identity, plan.n_samples, plan.seed, plan.centered)
     info: dict = {"key": key.for_layers(layer_names), "images": plan.n_samples}
     cached = cache.load_layers(key, layer_names) if cache is not None else {}
@@ -945,7 +957,7 @@ def ray_compute_sigmas(
     info.update(cached=not missing, cached_layers=[n for n in layer_names if n in cached], computed_layers=missing)
     computed: dict[str, torch.Tensor] = {}
     if missing:
-        estimate = estimate_actor_memory(model, missing, tuple(plan.probe().shape), plan.batch_size,
+        estimate = estimate_actor_memory(model, missing, tuple(plan.probe.shape), plan.batch_size,
                                          config.compute_dtype)
         if config.memory_budget_bytes is not None:  # fail before starting anything
             check_memory(estimate, config.memory_budget_bytes, compute_dtype=config.compute_dtype)
@@ -1002,14 +1014,16 @@ def _compute(model_spec, layer_names: list[str], plan: _SourcePlan, config: RayS
              estimate: MemoryEstimate) -> tuple[dict[str, torch.Tensor], dict]:
     tic = time.perf_counter()
     options, device, threads = _actor_resources(config, plan)
-    dataset = plan.records(config.read_cpus) if plan.uses_read_tasks else plan.records()
+    dataset = plan.make_dataset(config.num_actors, config.read_cpus)
     # Per-dataset context (a copy): our own tqdm reports progress, Ray Data's bars would interleave with it.
     dataset.context.enable_progress_bars = False
     shards = dataset.streaming_split(config.num_actors, equal=False)
     if device == "cpu":
         options["memory"] = int(estimate.total)  # lets Ray place actors where the Gram sums fit
     worker_cls = ray.remote(_SigmaWorker).options(
-        **options, max_concurrency=2)  # run() and progress() concurrently
+        **options, max_concurrency=2,  # run() and progress() concurrently
+        # Spin-waiting OpenMP threads make torch ~40x slower on shared nodes (design.md, Threads).
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
     shared = _shared_spec(model_spec)
     actors = [worker_cls.remote(shared, layer_names, plan.decoder, device, config.compute_dtype, threads,
                                 estimate.total) for _ in range(config.num_actors)]

@@ -917,8 +917,17 @@ def _ensure_ray(config: SweepConfig) -> None:
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
+        return
+    # A local instance runs its workers with this interpreter, which has every dependency. Under `uv run`, Ray's
+    # uv hook would instead copy the project and build a second virtualenv for the workers: minutes, for nothing.
+    from ray._private import ray_constants
+
+    saved = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    try:
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    finally:
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = saved
 
 
 def _trial_name(trial) -> str:

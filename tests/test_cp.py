@@ -282,6 +282,17 @@ def test_full_rank_svd_init_is_exact(sigma_cases):
     assert res.errors[0] < 1e-7
 
 
+@pytest.mark.parametrize("shape", [(8, 6, 1, 1), (2, 1, 3, 1), (3, 2, 5, 1)])
+def test_full_rank_on_degenerate_shapes(shape):
+    """1x1 convs and kernels whose largest mode is spatial (H unfolding wider than tall is not assumed)."""
+    kernel = _random_kernel(shape, seed=2)
+    n = shape[1] * shape[2] * shape[3]
+    r_max = cp_max_rank(shape)
+    res = cp_als_sigma(kernel, spd_with_condition(n, 1e2, torch.Generator().manual_seed(0)), r_max,
+                       config=CPSigmaConfig(max_iter=300, tol=1e-12))
+    assert res.errors[-1] < 1e-6, (shape, res.errors[-1])
+
+
 @pytest.mark.parametrize("rank,seed", [(6, 0), (12, 1), (20, 2)])
 def test_sigma_solver_beats_parafac_in_sigma_error(sigma_cases, rank, seed):
     kernel = _random_kernel((16, 8, 3, 3), seed=seed)
@@ -338,6 +349,13 @@ def test_result_metadata_dtype_and_balance(sigma_cases):
         res.rank = 3  # type: ignore[misc]
     base = cp_als(kernel, 5, n_iter_max=20)
     assert base.method == "cp-als" and base.metric == "rel_frob_err" and base.u_s.dtype == torch.float32
+
+
+def test_parafac_callback_can_stop_early():
+    seen = []
+    res = cp_als(_random_kernel((8, 6, 3, 3), 0), 5, callback=lambda k, err: seen.append(err) or k >= 3)
+    assert len(seen) == 4 and res.info["iterations"] == 3 and not res.converged
+    assert res.info["stopped_by_callback"] and res.errors[-1] == seen[-1]
 
 
 def test_callback_sees_every_sweep(sigma_cases):

@@ -156,6 +156,26 @@ def test_1x1_conv_layer_equals_dense_and_proposition_1():
         LowRank1x1Conv.from_result(nn.Conv2d(6, 10, 3).double(), res)
 
 
+def test_decompose_layer_on_a_strided_1x1_conv_with_covariance_sigma():
+    """pipeline.decompose_layer: sigma_core.covariance's Sigma of a strided 1x1 conv feeds SVD-Sigma; the
+    replacement is a LowRank1x1Conv whose output error is the reported Sigma error (Proposition 1)."""
+    from pipeline.compress import decompose_layer
+    from sigma_core import accumulate_sigma
+
+    x = torch.relu(feature_conv(5)(fmnist_images(16))).detach()
+    model = nn.Sequential(nn.Conv2d(5, 8, 1, stride=2, bias=True)).double()
+    sigma = accumulate_sigma(model, [x[:8], x[8:]], ["0"])["0"].finalize()
+    outcome, new = decompose_layer("0", model[0], sigma, RankRule(svd_rank=2), "svd-sigma")
+    assert outcome.ok and outcome.ranks == (2,) and isinstance(new, LowRank1x1Conv) and new.stride == (2, 2)
+    w = model[0].weight.detach()
+    with torch.no_grad():
+        mse = float(((model(x) - new(x)) ** 2).sum(1).mean())
+        err_sq = sigma_sq_err(w, new.reconstructed_kernel(), sigma)
+    assert mse == pytest.approx(err_sq, rel=1e-9)
+    assert outcome.rel_sigma_err == pytest.approx((err_sq / sigma_sq_err(w, 0 * w, sigma)) ** 0.5, rel=1e-9)
+    assert outcome.params_after < outcome.params_before
+
+
 def test_linear_layer_equals_dense():
     lin = nn.Linear(16, 12).double()
     x = _rand(32, 16, seed=9)

@@ -265,5 +265,6 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
 def test_atomic_save_safetensors_handles_views(tmp_path: Path) -> None:
     base = torch.arange(12.0).reshape(3, 4)
     atomic_save_safetensors({"t": base.t(), "row": base[1]}, tmp_path / "v.safetensors", {"k": "v"})
+    assert oct((tmp_path / "v.safetensors").stat().st_mode & 0o777) == "0o644"
     loaded = read_state_dict(tmp_path / "v.safetensors")
     assert torch.equal(loaded["t"], base.t()) and torch.equal(loaded["row"], base[1])

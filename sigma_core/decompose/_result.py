@@ -195,8 +195,7 @@ class LowRankResult:
         _check(self.second.dim() == 2 and self.second.shape[1] == r,
                f"second must be (out, {r}), got {tuple(self.second.shape)}")
         matrix = (self.second.shape[0], self.first.shape[1])
-        if self.shape is None:
-            object.__setattr__(self, "shape", matrix)
+        object.__setattr__(self, "shape", matrix if self.shape is None else tuple(int(d) for d in self.shape))
         _check(self.shape[:2] == matrix and all(d == 1 for d in self.shape[2:]),
                f"shape {self.shape} does not match the factors' matrix shape {matrix} (out, in[, 1, 1])")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import tensorly as tl
@@ -26,6 +27,7 @@ def cp_als(
     tol: float = 1e-8,
     init: str = "svd",
     random_state: int | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
 ) -> CPResult:
     """Rank-R CP minimizing ``||K - K~||_F`` by ALS (tensorly ``parafac``, as the paper's baseline).
 
@@ -38,6 +40,9 @@ def cp_als(
         Passed to ``tensorly.decomposition.parafac`` (``tol`` is on the absolute change of rel_frob_err;
         ``init`` is ``"svd"`` -- tensorly fills modes smaller than R with uniform random columns drawn from
         ``random_state`` -- or ``"random"``).
+    callback : callable, optional
+        ``callback(k, rel_frob_err)`` with k = 0 for the initialization and k = 1, 2, ... after each ALS
+        iteration; returning True stops the iteration (e.g. a wall-clock budget).
 
     Returns
     -------
@@ -56,8 +61,9 @@ def cp_als(
     with tl.backend_context("numpy"), warnings.catch_warnings():
         # R > H, W (always, for 3x3 kernels): tensorly warns once per mode that it pads its SVD init randomly.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
+        stopper = None if callback is None else _Counter(callback)
         cp, rec_errors = parafac(k, rank, n_iter_max=n_iter_max, tol=tol, init=init, random_state=random_state,
-                                 return_errors=True)
+                                 return_errors=True, callback=stopper)
     seconds = time.perf_counter() - start
     weights, factors = cp
     factors = [np.asarray(f, dtype=np.float64) for f in factors]
@@ -67,11 +73,27 @@ def cp_als(
     def back(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=kernel.device, dtype=kernel.dtype)
 
+    stopped = stopper is not None and stopper.stopped
     return CPResult(
         u_t=back(factors[0]), u_s=back(factors[1]), u_h=back(factors[2]), u_w=back(factors[3]), rank=rank,
-        errors=tuple(float(e) for e in rec_errors), converged=len(rec_errors) < n_iter_max, method=METHOD,
-        metric="rel_frob_err", info={"seconds": seconds, "iterations": len(rec_errors), "init": init},
+        errors=tuple(float(e) for e in rec_errors), converged=len(rec_errors) < n_iter_max and not stopped,
+        method=METHOD, metric="rel_frob_err",
+        info={"seconds": seconds, "iterations": len(rec_errors), "init": init, "stopped_by_callback": stopped},
     )
+
+
+class _Counter:
+    """Adapts ``callback(k, err)`` to tensorly's ``callback(cp_tensor, err)`` (called once before the loop)."""
+
+    def __init__(self, callback: Callable[[int, float], bool | None]):
+        self.callback = callback
+        self.calls = 0
+        self.stopped = False
+
+    def __call__(self, cp_tensor: object, rec_error: float) -> bool:
+        self.stopped = self.callback(self.calls, float(rec_error)) is True
+        self.calls += 1
+        return self.stopped
 
 
 def _balanced(factors: list[np.ndarray]) -> list[np.ndarray]:

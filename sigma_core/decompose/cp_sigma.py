@@ -305,11 +305,21 @@ def _balance(f: _CP) -> _CP:
     return _CP(*(x * c for x, c in zip(f, scale)))
 
 
+def _mode_basis(unfolding: torch.Tensor) -> torch.Tensor:
+    """Complete orthonormal basis of left singular vectors (descending) of a short-wide unfolding (k, m).
+
+    From the eigenvectors of the k x k Gram matrix: an SVD with ``full_matrices=True`` would also build the
+    (m, m) right factor, and ``full_matrices=False`` drops the basis completion when ``m < k``.
+    """
+    _, vecs = torch.linalg.eigh(unfolding @ unfolding.T)
+    return vecs.flip(-1)
+
+
 def _init_svd(kernel: torch.Tensor, rank: int, generator: torch.Generator | None) -> _CP:
     """HOSVD-style deterministic start (see :class:`CPSigmaConfig`, ``init="svd"``); U_T is zero (solved next)."""
     t, s, h, w = kernel.shape
-    q_h = torch.linalg.svd(kernel.permute(2, 0, 1, 3).reshape(h, -1), full_matrices=True)[0]  # (H, H)
-    q_w = torch.linalg.svd(kernel.permute(3, 0, 1, 2).reshape(w, -1), full_matrices=True)[0]  # (W, W)
+    q_h = _mode_basis(kernel.permute(2, 0, 1, 3).reshape(h, -1))  # (H, H)
+    q_w = _mode_basis(kernel.permute(3, 0, 1, 2).reshape(w, -1))  # (W, W)
     rotated = torch.einsum("tshw,hi,wj->ijts", kernel, q_h, q_w)  # (H, W, T, S) slices in the rotated basis
     u, sv, vh = torch.linalg.svd(rotated, full_matrices=False)  # (H, W, T, m), (H, W, m), (H, W, m, S)
     m = sv.shape[-1]

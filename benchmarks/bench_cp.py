@@ -187,7 +187,9 @@ def main() -> None:
         kernel, sigma = kernel.to(device), sigma.to(device)
         ev = torch.linalg.eigvalsh(sigma)
         r_max, r_vbmf = cp_max_rank(kernel.shape), cp_vbmf_rank(kernel.cpu())
-        lines.append(f"{name} {tuple(kernel.shape)}: {count} patches, Sigma cond {float(ev[-1] / ev[0]):.2e}; "
+        cond = f"{float(ev[-1] / ev[0]):.2e}" if float(ev[0]) > 0 else "inf (singular; the solvers add a 1e-10 ridge)"
+        lines.append(f"{name} {tuple(kernel.shape)}: {count} patches, Sigma eigenvalues [{float(ev[0]):.2e}, "
+                     f"{float(ev[-1]):.2e}], cond {cond}; "
                      f"R_max {r_max}, R_VBMF {r_vbmf}")
         for rule, rank in ((f"alpha {ALPHA}", cp_rank_alpha(kernel.cpu(), ALPHA)),
                            (f"{FRACTION:.0%} R_max", cp_rank_from_fraction(kernel.shape, FRACTION))):

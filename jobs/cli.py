@@ -1,4 +1,4 @@
-"""Command line: ``sigma-compress {train,compress,demo} ...`` (also ``python -m jobs.cli``).
+"""Command line: ``sigma-compress {train,compress,demo,sweep,paper-tables} ...`` (also ``python -m jobs.cli``).
 
 Parses flags into the frozen configs of ``pipeline`` and calls it; no algebra here.
 """
@@ -72,6 +72,31 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--experiment", default="sigma-compress")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-save-models", action="store_true")
+    _add_finetune(p)
+    p.add_argument("--finetune-methods", default="tucker2-als",
+                   help="methods whose compressed model is fine-tuned (extra point '<method>+ft')")
+    p.add_argument("--precision", action="store_true",
+                   help="also report FP16 and INT8 (post-training, x86 backend) top-1 of every point")
+    p.add_argument("--calib-samples", type=int, default=500, help="INT8 calibration images (from the Sigma dataset)")
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tuned baseline: Adam, best lr of a grid on a held-out split of the training set")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-lrs", type=_floats, default=(1e-3, 1e-4, 1e-5), help="Adam lr grid, comma separated")
+    p.add_argument("--finetune-subset", type=int, default=10_000,
+                   help="training images used for fine-tuning (0: all but the held-out split)")
+    p.add_argument("--finetune-holdout", type=int, default=5_000, help="held-out training images choosing the lr")
+
+
+def _finetune_config(args):
+    from pipeline.finetune import FinetuneConfig
+
+    if not args.finetune:
+        return None
+    return FinetuneConfig(epochs=args.finetune_epochs, lrs=args.finetune_lrs, train_subset=args.finetune_subset or None,
+                          holdout=args.finetune_holdout, data_root=args.data_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", required=True, help="YAML file, e.g. jobs/configs/fmnist_demo_sweep.yaml")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sweep.add_argument("--dry-run", action="store_true", help="print the grid and exit")
+    tables = sub.add_parser("paper-tables", help="the paper's Tables 3-4 (Tucker-2 baselines + fine-tuning) or "
+                                                 "Table 6 (CP-ALS vs CP-ALS-Sigma over seeds) on Fashion-MNIST")
+    _add_common(tables)
+    tables.add_argument("--table", default="3-4", choices=("3-4", "6", "all"))
+    tables.add_argument("--alpha", type=_floats, default=(0.7, 0.8, 0.9), help="rows of Tables 3-4")
+    tables.add_argument("--cp-alpha", type=_floats, default=(0.8, 0.9), help="rows of Table 6")
+    tables.add_argument("--cp-seeds", type=int, default=5, help="seeds of Table 6")
+    tables.add_argument("--cp-max-iter", type=int, default=25, help="ALS sweep cap of Table 6")
+    tables.add_argument("--max-iter", type=int, default=100, help="ALS sweep cap of Tables 3-4")
+    tables.add_argument("-n", "--n-samples", type=int, default=2000, help="training images for Sigma")
+    tables.add_argument("--eval-limit", type=int, default=None)
+    tables.add_argument("--no-finetune", action="store_true", help="leave out the Tucker2-ALS + FT column")
+    _add_finetune(tables)
+    tables.add_argument("--output-dir", default="outputs/paper_tables")
+    tables.add_argument("--save", default=None, metavar="FILE", help="also write the printed table(s) to FILE")
     return parser
 
 
@@ -129,6 +169,9 @@ def compress_config(args):
         device=args.device, output_dir=args.output_dir, cache_dir=args.cache_dir,
         tracking_uri=args.tracking_uri, experiment=args.experiment, track=not args.no_mlflow,
         save_models=not args.no_save_models, retrain_corrupt=args.retrain, progress=not args.no_progress,
+        finetune=_finetune_config(args),
+        finetune_methods=tuple(m.strip() for m in args.finetune_methods.split(",") if m.strip()),
+        precision=args.precision, calib_samples=args.calib_samples,
     )
 
 
@@ -156,12 +199,49 @@ def _cmd_compress(args) -> int:
     skipped = [f"  {c['name']}: {c['reason']}" for c in layers if not c["selected"]]
     if skipped:
         print("\nLayers left dense:\n" + "\n".join(skipped))
-    print("\nAccuracy vs compression (no fine-tuning):\n" + result["table"])
+    print("\nAccuracy vs compression (no fine-tuning except '+ft' rows):\n" + result["table"])
+    precision = [p for p in result["points"] if "precision" in p]
+    if precision:
+        print("\nPost-training precision (top-1 %):\n" + "\n".join(
+            f"  {p['method']} {p['rank_rule']}: " + "  ".join(f"{k.upper()} {p['precision'][k]:.2f}"
+                                                              for k in ("fp32", "fp16", "int8")) for p in precision))
     if result["comparison"]:
         print("\nAt equal ranks:\n" + "\n".join("  " + line for line in result["comparison"]))
     print(f"\nwrote {result['markdown']}, {result['plot']} and MLflow runs "
           f"({'Sigma from cache' if result['sigma_info'].get('cached') else 'Sigma computed'}); "
           f"total {time.perf_counter() - tic:.0f}s")
+    return 0
+
+
+def paper_tables_config(args):
+    """Build a :class:`pipeline.paper_tables.PaperTablesConfig` from parsed ``paper-tables`` flags."""
+    from pipeline.methods import SolverOptions
+    from pipeline.paper_tables import PaperTablesConfig
+
+    args.finetune = not args.no_finetune
+    return PaperTablesConfig(
+        model=args.model, weights=args.weights, alphas=args.alpha, n_samples=args.n_samples,
+        eval_limit=args.eval_limit, finetune=_finetune_config(args), solver=SolverOptions(max_iter=args.max_iter),
+        cp_alphas=args.cp_alpha, cp_seeds=args.cp_seeds, cp_solver=SolverOptions(max_iter=args.cp_max_iter),
+        output_dir=args.output_dir, cache_dir=args.cache_dir, data_root=args.data_root, device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def _cmd_paper_tables(args) -> int:
+    from pipeline.paper_tables import table_6, tables_3_4
+
+    config = paper_tables_config(args)
+    texts = []
+    if args.table in ("3-4", "all"):
+        texts.append(tables_3_4(config)["text"])
+    if args.table in ("6", "all"):
+        texts.append(table_6(config)["text"])
+    text = "\n\n".join(texts)
+    print(text)
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(text + "\n")
     return 0
 
 
@@ -175,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return sweep_main(["--config", args.config, *(f"--set={s}" for s in args.set),
                                *(["--dry-run"] if args.dry_run else [])])
+        if args.command == "paper-tables":
+            return _cmd_paper_tables(args)
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

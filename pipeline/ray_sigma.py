@@ -229,6 +229,13 @@ class ParquetSource:
     seed : int
     centered : bool
     batch_size : int
+    reader : {"actors", "ray-data"}
+        ``"actors"`` (default): the driver reads the Parquet footers, Ray Data shards (file, row group, rows)
+        records, and each Sigma actor streams its row groups with pyarrow -- no extra processes, works on any
+        cluster size, and supports ``n_samples``. ``"ray-data"``: ``ray.data.read_parquet`` (all rows only). In
+        Ray 2.6x that reader starts a 1-CPU ListFiles task plus ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default
+        32) footer-reader actors before reading: worth it for many files on a big cluster, far too heavy on a
+        small node (the actors must leave it a CPU, see ``cpus_per_actor``).
     """
 
     paths: str | tuple[str, ...]
@@ -238,6 +245,13 @@ class ParquetSource:
     seed: int = 0
     centered: bool = False
     batch_size: int = 250
+    reader: str = "actors"
+
+    def __post_init__(self) -> None:
+        if self.reader not in ("actors", "ray-data"):
+            raise ValueError(f"reader must be 'actors' or 'ray-data', got {self.reader!r}")
+        if isinstance(self.paths, list):
+            object.__setattr__(self, "paths", tuple(self.paths))
 
 
 # ============================================================================================== model
@@ -486,11 +500,11 @@ def _suggest_passes(gram_bytes: Mapping[str, int], room: float) -> list[list[str
 # ============================================================================================== records
 @dataclass(frozen=True)
 class _Decoder:
-    """Turns one batch of Ray Data records into a float image tensor (B, C, H, W), inside the actor.
+    """Turns one batch of Ray Data records into float image tensors (B, C, H, W), inside the actor.
 
     kinds: ``tensor`` (column ``data``: already transformed arrays), ``encoded`` (column of image bytes),
     ``file`` (column ``path``: files read through ``filesystem``), ``rowgroup`` (``path``/``row_group``/``rows``
-    of a Parquet file: those rows of ``column``).
+    of a Parquet file: those rows of ``column``, streamed so a big row group never sits decoded in memory).
     """
 
     kind: str
@@ -498,22 +512,30 @@ class _Decoder:
     column: str = "image"
     filesystem: Any = None
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> torch.Tensor:
+    def iter_images(self, batch: Mapping[str, np.ndarray], batch_size: int) -> Iterable[torch.Tensor]:
+        """Image tensors of at most ``batch_size`` images each."""
         if self.kind == "tensor":
-            return torch.from_numpy(np.require(batch["data"], dtype=np.float32, requirements=["C", "W"]))
-        if self.kind == "encoded":
-            return self._images(batch[self.column])
-        if self.kind == "file":
-            return self._images(_read_bytes(self.filesystem, str(p)) for p in batch["path"])
-        if self.kind == "rowgroup":
-            blobs: list[bytes] = []
+            yield from torch.from_numpy(np.require(batch["data"], np.float32, ["C", "W"])).split(batch_size)
+        elif self.kind == "encoded":
+            yield from self._chunks(batch[self.column], batch_size)
+        elif self.kind == "file":
+            yield from self._chunks((_read_bytes(self.filesystem, str(p)) for p in batch["path"]), batch_size)
+        elif self.kind == "rowgroup":
             for path, group, rows in zip(batch["path"], batch["row_group"], batch["rows"]):
-                blobs += _read_parquet_rows(self.filesystem, str(path), int(group), rows, self.column)
-            return self._images(blobs)
-        raise ValueError(f"unknown record kind {self.kind!r}")
+                blobs = _iter_parquet_rows(self.filesystem, str(path), int(group), rows, self.column, batch_size)
+                yield from self._chunks(blobs, batch_size)
+        else:
+            raise ValueError(f"unknown record kind {self.kind!r}")
 
-    def _images(self, blobs: Iterable[bytes]) -> torch.Tensor:
-        return torch.stack([self.transform(decode_image(bytes(blob))) for blob in blobs])
+    def _chunks(self, blobs: Iterable[bytes], batch_size: int) -> Iterable[torch.Tensor]:
+        images = []
+        for blob in blobs:
+            images.append(self.transform(decode_image(bytes(blob))))
+            if len(images) == batch_size:
+                yield torch.stack(images)
+                images = []
+        if images:
+            yield torch.stack(images)
 
 
 def _read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
@@ -521,13 +543,20 @@ def _read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
-def _read_parquet_rows(filesystem, path: str, group: int, rows, column: str) -> list[bytes]:
+def _iter_parquet_rows(filesystem, path: str, group: int, rows, column: str, batch_size: int) -> Iterable[bytes]:
+    """The values of ``column`` at positions ``rows`` (sorted) of one row group, read in record batches."""
     import pyarrow.parquet as pq
 
+    wanted = np.asarray(rows, dtype=np.int64)
     with filesystem.open_input_file(path) as handle:
-        table = pq.ParquetFile(handle).read_row_group(group, columns=[column])
-    values = table.column(column).take(np.asarray(rows, dtype=np.int64))
-    return [value.as_py() for value in values]
+        start = 0
+        for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=max(batch_size, 64), row_groups=[group],
+                                                                columns=[column]):
+            stop = start + record_batch.num_rows
+            local = wanted[(wanted >= start) & (wanted < stop)] - start
+            for value in record_batch.column(0).take(local):
+                yield value.as_py()
+            start = stop
 
 
 @dataclass(frozen=True)
@@ -565,7 +594,7 @@ class _SourcePlan:
                                                                                num_actors))
         # Read tasks are light (I/O); a fraction of a CPU keeps them schedulable next to the actors.
         return ray.data.read_parquet(list(self.parquet_files), filesystem=self.filesystem,
-                                     columns=[self.decoder.column], num_cpus=read_cpus)
+                                     num_cpus=read_cpus).select_columns([self.decoder.column])
 
 
 def _subset_indices(size: int, n: int | None, seed: int) -> list[int]:
@@ -690,7 +719,7 @@ def _plan_folder(source: ImageFolderSource, batch_size) -> _SourcePlan:
     items = [{"path": files[k].path, "label": labels[k]} for k in chosen]
     return _SourcePlan(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
                        batch_size=batch_size or source.batch_size, decoder=decoder,
-                       probe=decoder({"path": np.array([items[0]["path"]])})[0], items=items)
+                       probe=next(iter(decoder.iter_images({"path": [items[0]["path"]]}, 1)))[0], items=items)
 
 
 def _parquet_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
@@ -744,15 +773,17 @@ def _plan_parquet(source: ParquetSource, batch_size) -> _SourcePlan:
         "image_column": source.image_column,
         "transform": source.transform.identity(),
     }
-    first = _read_parquet_rows(fs, groups[0][0], groups[0][1], [0], source.image_column)[0]
+    first = next(iter(_iter_parquet_rows(fs, groups[0][0], groups[0][1], [0], source.image_column, 1)))
     common = dict(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
                   batch_size=batch_size or source.batch_size, probe=source.transform(decode_image(first)),
                   filesystem=fs)
-    if len(chosen) == total:
-        # Every row: Ray Data's Parquet reader streams the image column.
+    if source.reader == "ray-data":
+        if len(chosen) != total:
+            raise ValueError("reader='ray-data' reads every row (Ray Data has no global row index to sample from); "
+                             "use the default reader='actors' with n_samples")
         return _SourcePlan(**common, decoder=_Decoder("encoded", source.transform, source.image_column),
                            parquet_files=tuple(i.path for i in infos))
-    # A subset: one record per row group holding chosen rows; the actor reads that group and keeps them.
+    # One record per row group holding chosen rows; the actor that gets it streams that group.
     return _SourcePlan(**common, decoder=_Decoder("rowgroup", source.transform, source.image_column, filesystem=fs),
                        items=_row_group_items(groups, chosen), records_per_batch=1)
 
@@ -822,8 +853,7 @@ class _SigmaWorker:
         capture = SigmaCapture(self.model, self.layer_names, compute_dtype=self.compute_dtype, device=self.device)
         with capture:
             for batch in batches:
-                images = self.decoder(batch)
-                for chunk in images.split(batch_size):
+                for chunk in self.decoder.iter_images(batch, batch_size):
                     capture.feed(chunk.to(device=self.device, dtype=self.dtype))
                     self.images += int(chunk.shape[0])
         states = tuple(_to_numpy_state(capture.accumulators[name]) for name in self.layer_names)
@@ -1002,10 +1032,17 @@ def _actor_resources(config: RaySigmaConfig, plan: _SourcePlan) -> tuple[dict, s
     if config.use_gpu:
         warnings.warn("use_gpu=True but the Ray cluster has no GPU: computing Sigma on CPU", stacklevel=3)
     cpus = config.cpus_per_actor or 1.0
-    room = cluster.get("CPU", 0) - (config.read_cpus if plan.uses_read_tasks else 0.0)
+    # ray.data.read_parquet starts with a ListFiles task that always asks for 1 CPU (not configurable in
+    # Ray 2.5x/2.6x), then read tasks of ``read_cpus``: actors holding every CPU would wait for data forever.
+    reserve = max(1.0, config.read_cpus) if plan.uses_read_tasks else 0.0
+    room = cluster.get("CPU", 0) - reserve
+    if plan.uses_read_tasks and room <= 0:
+        raise RuntimeError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPU(s): reading Parquet through Ray "
+                           "Data needs 1 CPU besides the Sigma actors; use a bigger cluster or n_samples < all rows "
+                           "(read by row group inside the actors)")
     if config.cpus_per_actor is None and config.num_actors * cpus > room > 0:
-        # Reserving a whole CPU per actor on a small cluster would starve the read tasks (or leave actors
-        # pending forever); the reservation is logical, each actor still runs one torch thread.
+        # Reserving a whole CPU per actor on a small cluster would starve the reads (or leave actors pending
+        # forever); the reservation is logical, each actor still runs one torch thread.
         cpus = room / config.num_actors
     return {"num_cpus": cpus}, "cpu", max(1, int(cpus))
 

@@ -7,6 +7,7 @@ running the same job again skips the points already on disk, so a killed run los
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -22,11 +23,13 @@ from pipeline.compress import (
     accuracy,
     compress_model,
     compute_sigmas,
+    load_compressed,
     model_stats,
     outcome_rows,
     save_compressed,
 )
-from pipeline.data import DatasetSpec
+from pipeline.data import DatasetSpec, make_loader, sample_subset
+from pipeline.finetune import FinetuneConfig, finetune, finetune_data
 from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
@@ -52,6 +55,11 @@ class CompressConfig:
     method of ``methods``. SVD layers take ``svd_rank`` when given, else the same alpha / fraction rule. The last
     linear layer (the classifier) stays dense unless ``compress_last_linear``: its output is the logits, so no
     later layer absorbs its error, and with out = num_classes it has few parameters and almost no rank to cut.
+
+    ``finetune`` adds the paper's fine-tuned baseline: for each method of ``finetune_methods``, one more point per
+    rank rule, labelled ``"<method>+ft"``, whose compressed model is fine-tuned (:mod:`pipeline.finetune`).
+    ``precision`` adds FP32/FP16/INT8 top-1 to every point (:mod:`pipeline.quantize`; INT8 calibrated on
+    ``calib_samples`` images of the Sigma dataset). Both reload the point's saved model, so need ``save_models``.
     """
 
     model: str = "resnet-fmnist"
@@ -80,6 +88,10 @@ class CompressConfig:
     save_models: bool = True
     retrain_corrupt: bool = False
     progress: bool = True
+    finetune: FinetuneConfig | None = None
+    finetune_methods: tuple[str, ...] = ("tucker2-als",)
+    precision: bool = False
+    calib_samples: int = 500
 
     def __post_init__(self) -> None:
         for name in self.methods:
@@ -95,6 +107,20 @@ class CompressConfig:
             raise ValueError("explicit ranks (R_T, R_S) are Tucker-2 ranks; give svd_rank for the SVD layers too")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available: use --device cpu")
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        """Fine-tuning / precision options: they reload saved models and fine-tune on Fashion-MNIST."""
+        if self.finetune is not None:
+            missing = [m for m in self.finetune_methods if m not in self.methods]
+            if missing:
+                raise ValueError(f"finetune_methods {missing} are not among methods {list(self.methods)}")
+            if self.eval_dataset.name != "fashion-mnist":
+                raise ValueError("fine-tuning uses the Fashion-MNIST training set: eval_dataset must be fashion-mnist")
+        if (self.finetune is not None or self.precision) and not self.save_models:
+            raise ValueError("finetune / precision reload each point's saved model: keep save_models=True")
+        if self.calib_samples < 1:
+            raise ValueError(f"calib_samples must be >= 1, got {self.calib_samples}")
 
     def rules(self) -> list[tuple[RankRule, float | None]]:
         """Rank rules of the grid, each with its alpha (None for explicit ranks or fractions)."""
@@ -244,10 +270,17 @@ def run_compress(config: CompressConfig) -> dict:
         tracker.log_metrics({"baseline_top1": baseline["top1"], "baseline_params": baseline["params"],
                              "sigma_seconds": sigma_info.get("seconds", 0.0)})
         tracker.log_json(plan, "layer_plan.json")
+        # Loaded once, by the first fine-tuned point not on disk yet.
+        ft_data = functools.cache(lambda: finetune_data(config.finetune, data_cache))
         for rule, alpha in config.rules():
             for method in config.methods:
                 points.append(_run_point(model, method, rule, alpha, assignment[method], sigmas, stats, baseline,
                                          config, input_shape, data_cache, out, tracker))
+                if config.finetune is not None and method in config.finetune_methods:
+                    points.append(_run_finetune_point(points[-1], rule, ft_data, baseline, config, input_shape,
+                                                      data_cache, out, tracker))
+        if config.precision:
+            points = [_add_precision(p, config, data_cache, out) for p in points]
         result = _write_report(baseline, points, plan, config, out, tracker)
     return {**result, "baseline": baseline, "points": points, "plan": plan, "sigma_info": sigma_info,
             "stats_info": stats_info, "model_meta": model_meta, "output_dir": str(out)}
@@ -304,6 +337,68 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
             point["model_dir"] = str(model_dir)
             tracker.log_artifact(model_dir, "model")
     atomic_write_text(path, json.dumps(point, indent=2, default=str))
+    return point
+
+
+def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, config: CompressConfig, input_shape,
+                        data_cache, out: Path, tracker: Tracker) -> dict:
+    """Fine-tune the model of point ``base`` (paper's Tucker2-ALS + fine-tuning baseline); cached like any point.
+
+    ``ft_data()`` returns the :class:`pipeline.finetune.FinetuneData`; the reported ``top1`` is on the eval set,
+    ``top1_before_ft`` is ``base``'s.
+    """
+    label = f"{base['method']}+ft"
+    digest = hashlib.sha256(json.dumps(config.finetune.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    slug = f"{_slug(label, rule, config)}-ft{digest}"
+    path = out / "points" / f"{slug}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tuned, info = finetune(_point_model(base), config.finetune, ft_data(), device=config.device,
+                           progress=config.progress)
+    acc = accuracy(tuned, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
+                   device=config.device, data_cache_dir=data_cache, progress=config.progress)
+    stats = model_stats(tuned.cpu(), input_shape)
+    point = _point_metrics(label, rule, base["alpha"], baseline, stats, acc, base["layers"], base["decompose_seconds"])
+    point.update(slug=slug, top1_before_ft=base["top1"], finetune=info, finetune_seconds=info["seconds"])
+    with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": base["alpha"],
+                            "best_lr": info["best_lr"]}, nested=True):
+        tracker.log_metrics({k: v for k, v in point.items() if isinstance(v, (int, float)) and v is not None})
+        if config.save_models:
+            replaced = [row["name"] for row in base["layers"] if row["error"] is None]
+            point["model_dir"] = str(save_compressed(out / "models" / slug, config.model, config.num_classes, tuned,
+                                                     replaced, extra={"method": label, "rank_rule": rule.describe(),
+                                                                      "best_lr": info["best_lr"]}))
+    atomic_write_text(path, json.dumps(point, indent=2, default=str))
+    return point
+
+
+def _point_model(point: dict) -> nn.Module:
+    """The compressed model saved with ``point`` (fine-tuning and precision start from it)."""
+    model_dir = point.get("model_dir")
+    if not model_dir or not Path(model_dir).exists():
+        raise FileNotFoundError(f"point {point.get('slug')} has no saved model (model_dir={model_dir!r}): delete its "
+                                "JSON in <output_dir>/points to recompute it with save_models=True")
+    return load_compressed(model_dir)
+
+
+def _add_precision(point: dict, config: CompressConfig, data_cache, out: Path) -> dict:
+    """``point`` with ``precision`` = FP32/FP16/INT8 top-1 (pipeline.quantize), written back to its JSON file."""
+    from pipeline.quantize import evaluate_precisions
+
+    if point.get("precision", {}).get("calib_samples") == config.calib_samples:
+        return point
+    dataset = config.eval_dataset.build(cache_dir=data_cache)
+    if config.eval_limit is not None and config.eval_limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(config.eval_limit))
+    # INT8 ranges are calibrated on images of the Sigma dataset: the data the user already allows for compression.
+    calib_set = config.sigma.dataset.build(cache_dir=data_cache)
+    calib = sample_subset(calib_set, min(config.calib_samples, len(calib_set)), config.sigma.seed)
+    scores = evaluate_precisions(_point_model(point), make_loader(dataset, config.batch_size),
+                                 make_loader(calib, config.batch_size), device=config.device,
+                                 progress=config.progress)
+    point = {**point, "precision": {**scores, "calib_samples": config.calib_samples},
+             **{f"top1_{k}": v for k, v in scores.items()}}
+    atomic_write_text(out / "points" / f"{point['slug']}.json", json.dumps(point, indent=2, default=str))
     return point
 
 

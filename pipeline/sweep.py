@@ -404,11 +404,18 @@ class TrialStore:
         import pyarrow.parquet as pq
 
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in TRIAL_SCHEMA_FIELDS])
-        rows = [{name: _coerce(row.get(name), kind) for name, kind in TRIAL_SCHEMA_FIELDS} for row in self.records()]
+        rows = [{name: _coerce(_column(row, name), kind) for name, kind in TRIAL_SCHEMA_FIELDS}
+                for row in self.records()]
         table = pa.Table.from_pylist(rows, schema=schema)
         with atomic_path(self.parquet_path) as tmp:
             pq.write_table(table, tmp)
         return self.parquet_path
+
+
+def _column(row: Mapping, name: str):
+    if name == "layers_json" and row.get(name) is None:
+        return json.dumps(row.get("layers") or [], default=str)  # per-layer outcomes as one JSON string
+    return row.get(name)
 
 
 def _coerce(value, kind: str):
@@ -606,7 +613,7 @@ def _trial_row(point: TrialPoint, key: str, ctx: TrialContext, acc: dict, stats:
         "baseline_params": base["params"], "baseline_macs": base["macs"], "model": ctx.model,
         "model_fingerprint": ctx.fingerprint, "eval_dataset": json.dumps(ctx.eval_dataset.identity()),
         "eval_limit": ctx.eval_limit, "ranks_json": json.dumps({r["name"]: r["ranks"] for r in layers}),
-        "layers_json": json.dumps(layers, default=str), "layers": layers, "invocation": ctx.invocation,
+        "layers": layers, "invocation": ctx.invocation,
         "finished_at": time.time(), "model_dir": None, "mlflow_run_id": None,
     }
 
@@ -634,9 +641,14 @@ def _mlflow_trial_run(ctx: TrialContext, key: str, point: TrialPoint) -> Iterato
         return
     from ray.air.integrations.mlflow import setup_mlflow
 
-    params = {**point.params(), "trial_key": key, "model": ctx.model, "eval_limit": ctx.eval_limit,
-              "eval_dataset": ctx.eval_dataset.name, "solver_max_iter": ctx.solver.max_iter,
-              **{f"sigma_{k}": v for k, v in (ctx.sources.get(point.source) or {}).items() if k != "root"}}
+    source = ctx.sources.get(point.source) or {}
+    # Named like the Parquet columns; "none"/0 rather than None for the Sigma-free methods (searchable in MLflow).
+    params = {"method": point.method, "alpha": point.alpha, "seed": point.seed,
+              "sigma_source": point.source or "none", "n_samples": point.n_samples or 0,
+              "sigma_dataset": source.get("name", "none"), "sigma_image_size": source.get("image_size"),
+              "sigma_resample": source.get("resample"), "trial_key": key, "model": ctx.model,
+              "eval_dataset": ctx.eval_dataset.name, "eval_limit": ctx.eval_limit,
+              "solver_max_iter": ctx.solver.max_iter}
     name = f"{point.method}-{point.source or 'nosigma'}-N{point.n_samples or 0}-a{point.alpha:g}-s{point.seed}"
     mlflow = setup_mlflow(params, tracking_uri=ctx.tracking_uri, experiment_id=ctx.experiment_id, run_name=name,
                           tags={"kind": "trial", "trial_key": key, "invocation": ctx.invocation})
@@ -861,16 +873,24 @@ def run_covariance(config: SweepConfig) -> dict:
 
 
 def _absolute_paths(config: SweepConfig) -> SweepConfig:
-    """Trials run in their own working directories (and maybe other nodes): every path must be absolute."""
+    """Trials run in their own working directories (and maybe other nodes): every path must be absolute.
+
+    Source labels are unchanged: a derived label uses the root's last component only.
+    """
     def absolute(path):
         return None if path is None else str(Path(path).expanduser().resolve())
 
     def absolute_or_uri(location):
         return location if location is None or "://" in location else absolute(location)
 
-    return dataclasses.replace(config, output_dir=absolute(config.output_dir), cache_dir=absolute(config.cache_dir),
-                               weights=absolute(config.weights), storage_path=absolute_or_uri(config.storage_path),
-                               sigma_cache=absolute_or_uri(config.sigma_cache))
+    def spec(dataset: DatasetSpec) -> DatasetSpec:
+        return dataclasses.replace(dataset, root=absolute_or_uri(dataset.root))
+
+    return dataclasses.replace(
+        config, output_dir=absolute(config.output_dir), cache_dir=absolute(config.cache_dir),
+        weights=absolute(config.weights), storage_path=absolute_or_uri(config.storage_path),
+        sigma_cache=absolute_or_uri(config.sigma_cache), eval_dataset=spec(config.eval_dataset),
+        sigma_sources=tuple(dataclasses.replace(s, dataset=spec(s.dataset)) for s in config.sigma_sources))
 
 
 def _load_model(config: SweepConfig):
@@ -904,7 +924,7 @@ def _run_tuner(config: SweepConfig, ctx: TrialContext, todo: Mapping[str, TrialP
             name=f"sweep-{ctx.invocation}", storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
             callbacks=[_progress_callback(str(store.root), len(todo), config.progress)],
-            verbose=0 if config.progress else 1))
+            verbose=0))
     tuner.fit()
 
 
@@ -956,14 +976,20 @@ def _progress_callback(output_dir: str, total: int, progress: bool):
             self._bar = None
 
         def _tick(self, note: str) -> None:
+            if not progress:  # job logs: one line per trial instead of a bar
+                self._done = getattr(self, "_done", 0) + 1
+                print(f"[sweep] {self._done}/{total} trials: {note}", flush=True)
+                return
             if self._bar is None:
-                self._bar = tqdm(total=total, desc="trials", unit="trial", disable=not progress)
+                self._bar = tqdm(total=total, desc="trials", unit="trial")
             self._bar.set_postfix_str(note)
             self._bar.update(1)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             TrialStore(output_dir).write_parquet()
-            self._tick(f"last {trial.config['trial']['key']}")
+            result = trial.last_result or {}
+            self._tick(f"{trial.config['trial']['key']} top1 {result.get('top1', float('nan')):.2f}% "
+                       f"CR {result.get('compression_rate', float('nan')):.2f}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._tick(f"FAILED {trial.config['trial']['key']}")

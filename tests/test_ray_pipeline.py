@@ -98,9 +98,12 @@ def subset_pixels(fmnist_source) -> tuple[np.ndarray, np.ndarray]:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        # Workers inherit this: Ray's Parquet reader would otherwise start 32 footer-reader actors on 2 CPUs.
+        patch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        yield ray
+        ray.shutdown()
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -151,14 +154,21 @@ def test_reads_whole_set_entries_of_compute_sigmas(ray_cluster, weights_file, fm
     _assert_same_sigmas(got, reference[0], tol=0)
 
 
-@pytest.mark.ray
-def test_parquet_source_matches_single_process(ray_cluster, weights_file, reference, subset_pixels, tmp_path):
+@pytest.fixture(scope="module")
+def parquet_file(subset_pixels, tmp_path_factory) -> Path:
+    """The sampled FMNIST images as PNG bytes + labels, in several row groups."""
     pixels, labels = subset_pixels
-    path = tmp_path / "fmnist.parquet"
+    path = tmp_path_factory.mktemp("parquet") / "fmnist.parquet"
     table = pa.table({"image": [_png(p) for p in pixels], "label": labels.astype(np.int64)})
-    pq.write_table(table, path, row_group_size=20)  # several row groups -> several read blocks
+    pq.write_table(table, path, row_group_size=20)
+    return path
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("reader", ["actors", "ray-data"])
+def test_parquet_source_matches_single_process(ray_cluster, weights_file, reference, parquet_file, reader):
     spec = ModelSpec("vgg-fmnist", weights=str(weights_file), dtype="float64")
-    source = ParquetSource(str(path), ImageTransform.fashion_mnist(), batch_size=BATCH)
+    source = ParquetSource(str(parquet_file), ImageTransform.fashion_mnist(), batch_size=BATCH, reader=reader)
     got, info = ray_compute_sigmas(spec, SIGMA_LAYERS, source, num_actors=2, progress=False)
     _assert_same_sigmas(got, reference[0])
     assert info["images"] == N_IMAGES and sum(a["images"] for a in info["actors"]) == N_IMAGES

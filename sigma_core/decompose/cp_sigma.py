@@ -269,7 +269,7 @@ def _step_spatial(layer: _Layer, f: _CP, psi: torch.Tensor, atk: torch.Tensor,
     f : float
         Squared Sigma error after the update.
     """
-    t, s, h, w = layer.shape
+    _, s, h, w = layer.shape
     r = f.t.shape[1]
     phi = f.t.T @ f.t
     psi6 = psi.reshape(r, h, w, r, h, w)
@@ -514,6 +514,13 @@ def cp_als_sigma(
     ------
     ValueError
         Non-4-D or non-finite kernel, rank outside ``[1, R_max]``, Sigma not (n, n) with n = S*H*W.
+
+    Notes
+    -----
+    Cost per sweep (n = S*H*W, P = H*W): one contraction ``Psi`` of Sigma with U_S (2 R n^2 + 2 R^2 P n flops,
+    R^2 P^2 floats of memory: 140 MB at R = 461 for 3x3 kernels), the U_S solve (per CG step one structured
+    mat-vec of 2 n^2 R flops, or one (S R)^3 / 3 Cholesky), two (H R) and (W R) Cholesky solves and
+    O(T n R) products with ``K1 Sigma``. The Khatri-Rao Gram matrices of Eqs. 30-33 are never formed.
     """
     rank = _check_inputs(kernel, sigma, rank)
     start_time = time.perf_counter()

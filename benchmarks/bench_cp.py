@@ -172,8 +172,8 @@ def main() -> None:
              f"CP-ALS-Sigma: init svd, tol 1e-7, max_iter {args.max_iter}, wall-clock cap per run "
              + ", ".join(f"{c}ch {caps[c]:.0f}s" for c in channels) + "; exact PCG only up to "
              + f"{EXACT_UP_TO} channels",
-             f"parafac: tensorly {tensorly.__version__} numpy backend, init svd (random fill, seed 0), tol 1e-8, "
-             "100 iterations max, wall-clock cap "
+             f"parafac: tensorly {tensorly.__version__} PyTorch backend (float64), init svd (random fill, seed 0), "
+             "tol 1e-8, 100 iterations max, wall-clock cap "
              + ", ".join(f"{c}ch {PARAFAC_CAPS[c] * scale:.0f}s" for c in channels)
              + " (s/sweep column = s/iteration)",
              ""]

@@ -43,9 +43,9 @@ def _print_grid(config) -> int:
 
 def _summary(result) -> str:
     lines = [
-        f"sweep {result.invocation}: {result.trials_total} trials in the grid, {result.trials_skipped} already "
-        f"recorded, {result.trials_run} run now, {len(result.trials_failed)} failed; Sigma computed "
-        f"{result.sigma_computed}x, {result.sigma_cached} from cache; {result.seconds:.0f}s",
+        (f"sweep {result.invocation}: {result.trials_total} trials in the grid, {result.trials_skipped} already "
+         f"recorded, {result.trials_run} run now, {len(result.trials_failed)} failed; Sigma computed "
+         f"{result.sigma_computed}x, {result.sigma_cached} from cache; {result.seconds:.0f}s"),
         f"table:    {result.parquet_path}",
         f"report:   {result.report.get('markdown', '-')}",
         f"MLflow:   {result.tracking_uri or 'off'} (experiment id {result.experiment_id})",

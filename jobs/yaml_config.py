@@ -14,14 +14,23 @@ import dataclasses
 import difflib
 import functools
 import os
+import sys
 import types
 import typing
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ConfigError", "load_yaml", "build_config", "sweep_config_from_yaml", "compress_config_from_yaml",
-           "check_files", "parse_overrides", "job_parser", "run_job"]
+__all__ = [
+    "ConfigError",
+    "build_config",
+    "check_files",
+    "compress_config_from_yaml",
+    "job_parser",
+    "load_yaml",
+    "parse_overrides",
+    "run_job",
+    "sweep_config_from_yaml",
+]
 
 
 class ConfigError(ValueError):

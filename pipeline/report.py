@@ -298,10 +298,10 @@ def sweep_markdown(rows: Sequence[dict], title: str = "Sweep results") -> str:
     agg = aggregate_trials(rows)
     first = rows[0] if rows else {}
     lines = [f"# {title}", "",
-             f"{len(rows)} trials; model `{first.get('model', '?')}`; original top-1 "
-             f"{_fmt(first.get('baseline_top1'))} %, {_fmt(first.get('baseline_params'))} params, "
-             f"{_fmt(first.get('baseline_macs'))} MACs; accuracy without fine-tuning "
-             "(mean over seeds, +- their standard deviation).", ""]
+             (f"{len(rows)} trials; model `{first.get('model', '?')}`; original top-1 "
+              f"{_fmt(first.get('baseline_top1'))} %, {_fmt(first.get('baseline_params'))} params, "
+              f"{_fmt(first.get('baseline_macs'))} MACs; accuracy without fine-tuning "
+              "(mean over seeds, +- their standard deviation)."), ""]
     free = [p for p in agg if not p["sigma_source"]]
     for source in sorted({p["sigma_source"] for p in agg if p["sigma_source"]}):
         lines += [f"## Sigma from {source}", "",

@@ -57,19 +57,19 @@ from pipeline.train import TrainConfig
 from sigma_core import RankRule
 
 __all__ = [
-    "SweepSource",
+    "TRIAL_SCHEMA_FIELDS",
     "SweepConfig",
-    "TrialPoint",
     "SweepResult",
+    "SweepSource",
+    "TrialPoint",
+    "TrialStore",
     "grid_points",
-    "trial_key",
     "keyed_grid",
     "missing_points",
-    "TrialStore",
-    "TRIAL_SCHEMA_FIELDS",
-    "run_sweep",
-    "run_covariance",
     "prepare_sigmas",
+    "run_covariance",
+    "run_sweep",
+    "trial_key",
 ]
 
 SAVE_MODEL_MODES = ("none", "best", "all")
@@ -167,15 +167,15 @@ class SweepConfig:
     weights: str | None = None
     num_classes: int = 10
     train: TrainConfig | None = None
-    sigma_sources: tuple[SweepSource, ...] = (SweepSource(DatasetSpec("fashion-mnist")),)
+    sigma_sources: tuple[SweepSource, ...] = field(default_factory=lambda: (SweepSource(DatasetSpec("fashion-mnist")),))
     n_samples: tuple[int, ...] = (2000,)
     alphas: tuple[float, ...] = (0.6, 0.8, 1.0)
     methods: tuple[str, ...] = ("tucker2-als", "tucker2-als-sigma")
     seeds: tuple[int, ...] = (0,)
-    eval_dataset: DatasetSpec = DatasetSpec("fashion-mnist", split="test")
+    eval_dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec("fashion-mnist", split="test"))
     eval_limit: int | None = None
     layers: tuple[str, ...] | None = None
-    solver: SolverOptions = SolverOptions()
+    solver: SolverOptions = field(default_factory=SolverOptions)
     centered: bool = False
     sigma_batch_size: int = 250
     batch_size: int = 500
@@ -650,6 +650,7 @@ def _mlflow_trial_run(ctx: TrialContext, key: str, point: TrialPoint) -> Iterato
               "eval_dataset": ctx.eval_dataset.name, "eval_limit": ctx.eval_limit,
               "solver_max_iter": ctx.solver.max_iter}
     name = f"{point.method}-{point.source or 'nosigma'}-N{point.n_samples or 0}-a{point.alpha:g}-s{point.seed}"
+    _delete_runs_of(ctx.tracking_uri, ctx.experiment_id, key)  # a failed attempt of this trial, retried by Tune
     mlflow = setup_mlflow(params, tracking_uri=ctx.tracking_uri, experiment_id=ctx.experiment_id, run_name=name,
                           tags={"kind": "trial", "trial_key": key, "invocation": ctx.invocation})
     try:
@@ -741,6 +742,15 @@ def _purge_stale_runs(uri: str | None, experiment_id: str | None, keys: Iterable
             client.delete_run(run.info.run_id)
             deleted += 1
     return deleted
+
+
+def _delete_runs_of(uri: str, experiment_id: str, key: str) -> None:
+    """Delete the runs of ``key``: it has no record, so they are leftovers of attempts that did not finish."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{key}'"):
+        client.delete_run(run.info.run_id)
 
 
 def _pareto_best(records: Sequence[Mapping], per_method: int) -> list[Mapping]:

@@ -37,7 +37,7 @@ def data() -> FinetuneData:
 @pytest.fixture(scope="module")
 def trained(data) -> nn.Module:
     torch.manual_seed(0)
-    model, _ = finetune(_tiny_net(), FinetuneConfig(epochs=3, lrs=(1e-2,), batch_size=32), data, progress=False)
+    model, _ = finetune(_tiny_net(), FinetuneConfig(epochs=2, lrs=(1e-2,), batch_size=32), data, progress=False)
     return model
 
 
@@ -117,13 +117,17 @@ def vgg_weights(tmp_path_factory) -> Path:
     return path
 
 
-def test_paper_tables_tiny(tmp_path, vgg_weights):
-    cfg = PaperTablesConfig(
-        model="vgg-fmnist", weights=str(vgg_weights), alphas=(0.8, 0.9), n_samples=32, eval_limit=48,
+def _tiny_tables(tmp_path: Path, weights: Path) -> PaperTablesConfig:
+    return PaperTablesConfig(
+        model="vgg-fmnist", weights=str(weights), alphas=(0.8, 0.9), n_samples=32, eval_limit=48,
         finetune=FinetuneConfig(epochs=1, lrs=(1e-3, 1e-4), batch_size=32, train_subset=64, holdout=32),
         solver=SolverOptions(max_iter=3), cp_alphas=(0.9,), cp_seeds=2, cp_solver=SolverOptions(max_iter=3),
         output_dir=str(tmp_path / "tables"), cache_dir=str(tmp_path / "cache"), batch_size=48, progress=False,
     )
+
+
+def test_paper_tables_3_4_tiny(tmp_path, vgg_weights):
+    cfg = _tiny_tables(tmp_path, vgg_weights)
     result = tables_3_4(cfg)
     keys = [key for key, _ in result["columns"]]
     assert keys == ["alpha", "compression_rate", *TABLE_3_4_METHODS, "tucker2-als+ft", "best_lr"]
@@ -134,12 +138,16 @@ def test_paper_tables_tiny(tmp_path, vgg_weights):
         assert row["ft_before"] == row["tucker2-als"]
     assert "Tucker2-ALS + FT" in result["text"] and "FW-LRA" in result["text"]
 
+
+@pytest.mark.slow
+def test_paper_table_6_tiny_and_resume(tmp_path, vgg_weights):
+    cfg = _tiny_tables(tmp_path, vgg_weights)
     six = table_6(cfg)
     (row,) = six["rows"]
     assert len(row["cp-als_runs"]) == 2 and len(row["cp-als-sigma_runs"]) == 2
     assert "±" in row["cp-als-sigma"] and "CP-ALS-Sigma" in six["text"]
     # Resumable: a second run reads every point from disk.
-    assert tables_3_4(cfg)["rows"] == result["rows"]
+    assert table_6(cfg)["rows"] == six["rows"]
 
 
 def test_compress_job_precision_and_finetune_options(tmp_path, vgg_weights):

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,10 +62,10 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 def _config(out: Path, weights: Path, **overrides) -> SweepConfig:
-    base = dict(model="resnet-fmnist", weights=str(weights), sigma_sources=(FMNIST, DIGITS), n_samples=(32,),
-                alphas=(0.6, 0.8, 1.0), eval_limit=64, batch_size=64, sigma_batch_size=32,
-                solver=SolverOptions(max_iter=5), output_dir=str(out / "out"), cache_dir=str(out / "cache"),
-                progress=False, cpus_per_trial=1.0)
+    base = {"model": "resnet-fmnist", "weights": str(weights), "sigma_sources": (FMNIST, DIGITS),
+            "n_samples": (32,), "alphas": (0.6, 0.8, 1.0), "eval_limit": 64, "batch_size": 64,
+            "sigma_batch_size": 32, "solver": SolverOptions(max_iter=5), "output_dir": str(out / "out"),
+            "cache_dir": str(out / "cache"), "progress": False, "cpus_per_trial": 1.0}
     base.update(overrides)
     return SweepConfig(**base)
 
@@ -130,6 +129,24 @@ def test_missing_points_skip_recorded_trials(tmp_path, weights_file):
     assert len(todo) == 5
 
 
+def test_best_trials_are_the_pareto_front_of_each_method():
+    from pipeline.sweep import _pareto_best
+
+    rows = [{"key": k, "method": m, "top1": t, "compression_rate": c} for k, m, t, c in [
+        ("a", "x", 90, 2), ("b", "x", 85, 4), ("c", "x", 80, 3), ("d", "x", 70, 8), ("e", "y", 50, 2)]]
+    assert [r["key"] for r in _pareto_best(rows, 3)] == ["a", "b", "d", "e"]  # c is beaten by b
+    assert [r["key"] for r in _pareto_best(rows, 1)] == ["a", "e"]
+
+
+def test_sweep_config_rejects_what_it_cannot_run(tmp_path, weights_file):
+    with pytest.raises(ValueError, match="needs the fisher statistic"):
+        _config(tmp_path, weights_file, methods=("fw-lra",))
+    with pytest.raises(ValueError, match="labels must be unique"):
+        _config(tmp_path, weights_file, sigma_sources=(DIGITS, SweepSource(DatasetSpec("fashion-mnist"), "digits")))
+    with pytest.raises(ValueError, match="sigma_backend"):
+        _config(tmp_path, weights_file, sigma_backend="spark")
+
+
 def test_parquet_has_each_trial_once(tmp_path):
     import pyarrow.parquet as pq
 
@@ -178,7 +195,7 @@ def test_example_configs_parse(tmp_path):
     from jobs.yaml_config import build_config, compress_config_from_yaml, sweep_config_from_yaml
 
     demo = sweep_config_from_yaml(REPO / "jobs/configs/fmnist_demo_sweep.yaml")
-    assert demo.model == "resnet-fmnist" and demo.train.epochs == 4
+    assert demo.model == "resnet-fmnist" and demo.train.model == "resnet-fmnist" and demo.weights is None
     assert len(demo.alphas) >= 3 and set(demo.methods) == {"tucker2-als", "tucker2-als-sigma"}
     assert [s.name for s in demo.sigma_sources] == ["fashion-mnist", "digits", "digits-bicubic"]
     assert demo.sigma_sources[2].dataset.resample == "bicubic"
@@ -339,7 +356,7 @@ class LocalCluster:
 
     def start(self) -> None:
         proc = subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=240,
-                              start_new_session=True)
+                              start_new_session=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
@@ -460,8 +477,8 @@ def _mlflow_server(tmp_path: Path):
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
            f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "mlflow-server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
         while True:
@@ -483,7 +500,6 @@ def _mlflow_server(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 @pytest.mark.ray
@@ -538,7 +554,7 @@ def test_killed_sweep_reruns_only_missing_trials(tmp_path, weights_file, ray_clu
     assert 1 <= killed_after < 4, (tmp_path / "first.log").read_text()[-3000:]
     time.sleep(3)  # let the cluster reap the dead driver's trial actors
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"4 trials in the grid, {killed_after} already recorded, {4 - killed_after} run now, 0 failed" \
         in second.stdout
@@ -574,7 +590,7 @@ def test_ray_job_submit_runs_the_demo_sweep(tmp_path, weights_file, ray_cluster,
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
            f"http://127.0.0.1:{ray_cluster.dashboard_port}", "--working-dir", str(REPO), "--runtime-env-json",
            runtime_env, "--", "python", "-m", "jobs.sweep", "--config", str(cfg)]
-    proc = subprocess.run(cmd, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=ray_cluster.env, capture_output=True, text=True, timeout=600, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "succeeded" in output.lower() and "2 trials in the grid" in output

@@ -237,6 +237,35 @@ def respread_eigenvalues(sigma: torch.Tensor, cond: float) -> torch.Tensor:
     return 0.5 * (out + out.T)
 
 
+def kronecker_fit_fast(sigma: torch.Tensor, s: int, p: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototype (NOT in sigma_core) of ``kronecker_fit`` with the same flip-flop iterates: Sigma is rearranged
+    once to R[(s,S),(p,q)] = Sigma[(s,p),(S,q)], then each half-step is one GEMV over R instead of an einsum
+    that re-permutes the whole n x n Sigma every call (~10x faster at n >= 2304)."""
+    from sigma_core.decompose.tucker2_sigma import _chol_psd
+
+    r = sigma.reshape(s, p, s, p).permute(0, 2, 1, 3).reshape(s * s, p * p)
+    sigma_p = torch.eye(p, dtype=sigma.dtype, device=sigma.device)
+    sigma_s = torch.eye(s, dtype=sigma.dtype, device=sigma.device)
+    for _ in range(iters):
+        inv_p = torch.cholesky_inverse(_chol_psd(sigma_p))
+        sigma_s = (r @ inv_p.T.reshape(-1)).reshape(s, s) / p
+        inv_s = torch.cholesky_inverse(_chol_psd(sigma_s))
+        sigma_p = (inv_s.T.reshape(1, -1) @ r).reshape(p, p) / s
+    return 0.5 * (sigma_s + sigma_s.T), 0.5 * (sigma_p + sigma_p.T)
+
+
+def run_sigma_fast_kron(*args, **kwargs) -> SigmaRun:
+    """run_sigma with sigma_core's kronecker_fit swapped for :func:`kronecker_fit_fast` (restored after)."""
+    import sigma_core.decompose.tucker2_sigma as ts
+
+    original = ts.kronecker_fit
+    ts.kronecker_fit = kronecker_fit_fast
+    try:
+        return run_sigma(*args, **kwargs)
+    finally:
+        ts.kronecker_fit = original
+
+
 def fmt_t(v: float | None) -> str:
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
@@ -318,6 +347,11 @@ def main() -> None:
                 log(f"{tag}: Tucker2-ALS-Sigma {label} ...")
                 runs.append(run_sigma(label, kernel, sigma, ranks, cfg, caps[c], device))
             ref = min(r.final for r in runs)  # "converged" error: the best either Sigma run reached
+            if c == 256 and div == 2:
+                log(f"{tag}: Tucker2-ALS-Sigma PCG 10 steps with the prototype kronecker_fit ...")
+                runs.append(run_sigma_fast_kron(
+                    "PCG 10 steps, fast kron fit*", kernel, sigma, ranks,
+                    Tucker2SigmaConfig(solver="cg", cg_steps=10, tol=1e-7, max_iter=args.max_iter), caps[c], device))
             for lab, tt, res, se, fe in (("partial_tucker tol1e-4", t_fd, r_fd, se_fd, fe_fd),
                                          ("partial_tucker tol1e-8", t_ft, r_ft, se_ft, fe_ft)):
                 main_rows.append([tag, lab, fmt_t(tt), "-", "-", str(res.info["iterations"]), "-", "-",
@@ -336,7 +370,7 @@ def main() -> None:
                         f"  {r.label}: time-to-1% {fmt_t(t1)} s = {'-' if t1 is None else f'{t1 / t_fd:.2f}'}x "
                         f"partial_tucker default ({t_fd:.3f} s); rel_sigma_err {r.final:.4f} vs {se_fd:.4f} "
                         f"(ratio {r.final / se_fd:.3f}) -> {'PASS' if ok else 'FAIL'}")
-            if all(r.capped for r in runs):
+            if all(r.capped for r in runs[:2]):
                 capped_both.append(tag)
             main_rows.append([""] * 13)
     main_rows.pop()
@@ -350,6 +384,8 @@ def main() -> None:
     if capped_both:
         print("both Sigma runs hit the time cap for: " + "; ".join(capped_both)
               + " -- there the 'converged' reference is the best error reached within the caps")
+    print("* prototype, not in sigma_core: kronecker_fit_fast in this script (same preconditioner to 1e-14, "
+          "one GEMV per flip-flop half-step)")
     if accept:
         print()
         print("acceptance: (256,256,3,3) at ranks (128,128): Sigma reaches within 1% of its converged error in "

@@ -73,8 +73,9 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-save-models", action="store_true")
     _add_finetune(p)
-    p.add_argument("--finetune-methods", default="tucker2-als",
-                   help="methods whose compressed model is fine-tuned (extra point '<method>+ft')")
+    p.add_argument("--finetune-methods", default=None,
+                   help="methods whose compressed model is fine-tuned (extra point '<method>+ft'); default: "
+                        "tucker2-als when among --methods (the paper's baseline), else every method")
     p.add_argument("--precision", action="store_true",
                    help="also report FP16 and INT8 (post-training, x86 backend) top-1 of every point")
     p.add_argument("--calib-samples", type=int, default=500, help="INT8 calibration images (from the Sigma dataset)")
@@ -88,6 +89,13 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-subset", type=int, default=10_000,
                    help="training images used for fine-tuning (0: all but the held-out split)")
     p.add_argument("--finetune-holdout", type=int, default=5_000, help="held-out training images choosing the lr")
+
+
+def _finetune_methods(args) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.finetune_methods is not None:
+        return tuple(m.strip() for m in args.finetune_methods.split(",") if m.strip())
+    return ("tucker2-als",) if "tucker2-als" in methods else methods
 
 
 def _finetune_config(args):
@@ -170,7 +178,7 @@ def compress_config(args):
         tracking_uri=args.tracking_uri, experiment=args.experiment, track=not args.no_mlflow,
         save_models=not args.no_save_models, retrain_corrupt=args.retrain, progress=not args.no_progress,
         finetune=_finetune_config(args),
-        finetune_methods=tuple(m.strip() for m in args.finetune_methods.split(",") if m.strip()),
+        finetune_methods=_finetune_methods(args),
         precision=args.precision, calib_samples=args.calib_samples,
     )
 

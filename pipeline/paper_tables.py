@@ -147,8 +147,19 @@ def tables_3_4(config: PaperTablesConfig) -> dict:
                      f"training images; {f.epochs} epoch(s) on {f.train_subset or 'all other'} training images, "
                      f"batch {f.batch_size}, seed {f.seed}.")
     text = "\n".join([_title("Tables 3-4", config, result["baseline"]), "",
-                      format_table(rows, columns), "", *notes])
+                      format_table(_display(rows), columns), "", *notes])
     return {"text": text, "rows": rows, "columns": columns, "result": result}
+
+
+def _display(rows: list[dict]) -> list[dict]:
+    """Rows with alpha, lr and CR as short strings (the generic formatter prints 0.7000 and 1.000e-04)."""
+    out = []
+    for row in rows:
+        shown = {**row, "alpha": f"{row['alpha']:g}", "compression_rate": f"{row['compression_rate']:.2f}"}
+        if "best_lr" in row:
+            shown["best_lr"] = f"{row['best_lr']:g}"
+        out.append(shown)
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -187,5 +198,5 @@ def table_6(config: PaperTablesConfig) -> dict:
              f"initialization); ALS max_iter={s.max_iter}, tol={s.tol:g}; no fine-tuning.",
              "Per-seed top-1: " + "; ".join(f"alpha={r['alpha']:g} " + ", ".join(
                  f"{_HEADERS[m]} {[round(v, 2) for v in r[f'{m}_runs']]}" for m in TABLE_6_METHODS) for r in rows)]
-    text = "\n".join([_title("Table 6", config, baseline), "", format_table(rows, columns), "", *notes])
+    text = "\n".join([_title("Table 6", config, baseline), "", format_table(_display(rows), columns), "", *notes])
     return {"text": text, "rows": rows, "columns": columns}

@@ -14,15 +14,17 @@ Sources
       file list in ImageFolder order with the same evaluation transform.
     * :class:`ImageFolderSource`: a class-per-subfolder tree (or a flat folder, or a CSV labels file listing
       ``path,label``), local or on an object store (any ``pyarrow.fs`` URI).
-    * :class:`ParquetSource`: Parquet files with a column of encoded (PNG/JPEG) images, read with
-      ``ray.data.read_parquet`` (all rows) or by row group (a sampled subset).
+    * :class:`ParquetSource`: Parquet files with a column of encoded (PNG/JPEG) images; row groups are sharded
+      and streamed by the actors (default), or every row is read with ``ray.data.read_parquet``
+      (``reader="ray-data"``; see :class:`ParquetSource` for why that is not the default).
 
 Decoding and transforms run in the actors, with :class:`ImageTransform` (PIL + torch, bitwise equal to the
 torchvision transforms the single-process datasets use, without importing torchvision in every worker).
 
-Precision note: a float32 forward pass is not reproducible across batch sizes / thread counts (measured ~1e-8
-relative on Sigma for the reference CNN), so bitwise-level agreement with the single-process path needs
-``ModelSpec(dtype="float64")`` (agreement ~1e-15); with float32 models expect ~1e-7.
+Precision note: a float32 forward pass is not guaranteed to be reproducible across batch sizes / thread counts
+(single process, reference CNN: up to ~1e-8 relative on Sigma, in the linear layer), so agreement with the
+single-process path at the 1e-10 level needs ``ModelSpec(dtype="float64")`` (measured ~2e-16); the sharding and
+the tree reduction themselves only reorder float64 sums.
 """
 
 from __future__ import annotations
@@ -121,14 +123,14 @@ class ImageTransform:
             object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
 
     @classmethod
-    def fashion_mnist(cls, image_size: int | None = None, resample: str = "bilinear") -> "ImageTransform":
+    def fashion_mnist(cls, image_size: int | None = None, resample: str = "bilinear") -> ImageTransform:
         """The transform of :func:`pipeline.data.load_fashion_mnist` (28x28 grey, FMNIST mean/std)."""
         resize = (image_size, image_size) if image_size is not None and image_size != 28 else None
         return cls("L", resize, None, resample, (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))
 
     @classmethod
     def imagenet(cls, image_size: int | None = None, resize_size: int | None = None,
-                 resample: str = "bilinear") -> "ImageTransform":
+                 resample: str = "bilinear") -> ImageTransform:
         """The evaluation transform of :func:`pipeline.data.load_image_folder` (RGB, resize, crop, ImageNet)."""
         crop = image_size if image_size is not None else 224
         resize = resize_size if resize_size is not None else round(crop * 256 / 224)
@@ -172,7 +174,7 @@ class ImageTransform:
         w, h = image.size
         if self.crop > w or self.crop > h:
             raise ValueError(f"center crop {self.crop} is larger than the image ({h}x{w}): resize first")
-        top, left = int(round((h - self.crop) / 2.0)), int(round((w - self.crop) / 2.0))
+        top, left = round((h - self.crop) / 2.0), round((w - self.crop) / 2.0)  # torchvision's center_crop
         return image.crop((left, top, left + self.crop, top + self.crop))
 
 
@@ -293,7 +295,7 @@ class ModelSpec:
         return build_model(self.name, self.num_classes, weights).to(_DTYPES[self.dtype]).eval()
 
 
-def _shared_spec(spec: "ModelSpec | nn.Module") -> "ModelSpec | ray.ObjectRef":
+def _shared_spec(spec: ModelSpec | nn.Module) -> ModelSpec | ray.ObjectRef:
     """What the actors receive: big in-memory weights (or a whole module) go to the object store once."""
     if isinstance(spec, nn.Module):
         return ray.put(spec.cpu().eval())
@@ -302,7 +304,7 @@ def _shared_spec(spec: "ModelSpec | nn.Module") -> "ModelSpec | ray.ObjectRef":
     return spec
 
 
-def _build(spec: "ModelSpec | nn.Module | ray.ObjectRef") -> nn.Module:
+def _build(spec: ModelSpec | nn.Module | ray.ObjectRef) -> nn.Module:
     """The model a spec describes (a given nn.Module is returned as is: the caller's flags stay untouched)."""
     if isinstance(spec, ray.ObjectRef):
         spec = ray.get(spec)
@@ -623,7 +625,7 @@ def _plan_source(source, batch_size: int | None, data_cache_dir) -> _SourcePlan:
     raise TypeError(f"source must be a SigmaSource, ImageFolderSource or ParquetSource, got {type(source).__name__}")
 
 
-def _plan_materialized(source: "SigmaSource", batch_size, data_cache_dir) -> _SourcePlan:
+def _plan_materialized(source: SigmaSource, batch_size, data_cache_dir) -> _SourcePlan:
     """Dataset views held in memory (fashion-mnist, digits): the sampled subset is materialized on the driver."""
     dataset = source.dataset.build(cache_dir=data_cache_dir)
     subset = sample_subset(dataset, source.n_samples, source.seed)
@@ -636,7 +638,7 @@ def _plan_materialized(source: "SigmaSource", batch_size, data_cache_dir) -> _So
         arrays=np.array_split(images, max(1, math.ceil(len(images) / bs))))
 
 
-def _plan_dataset_folder(source: "SigmaSource", batch_size) -> _SourcePlan:
+def _plan_dataset_folder(source: SigmaSource, batch_size) -> _SourcePlan:
     """DatasetSpec('imagefolder'): the files and transform of pipeline.data.load_image_folder, same key."""
     from pipeline.data import _image_folder_dir
 
@@ -774,9 +776,9 @@ def _plan_parquet(source: ParquetSource, batch_size) -> _SourcePlan:
         "transform": source.transform.identity(),
     }
     first = next(iter(_iter_parquet_rows(fs, groups[0][0], groups[0][1], [0], source.image_column, 1)))
-    common = dict(identity=identity, n_samples=len(chosen), seed=source.seed, centered=source.centered,
-                  batch_size=batch_size or source.batch_size, probe=source.transform(decode_image(first)),
-                  filesystem=fs)
+    common = {"identity": identity, "n_samples": len(chosen), "seed": source.seed, "centered": source.centered,
+              "batch_size": batch_size or source.batch_size, "probe": source.transform(decode_image(first)),
+              "filesystem": fs}
     if source.reader == "ray-data":
         if len(chosen) != total:
             raise ValueError("reader='ray-data' reads every row (Ray Data has no global row index to sample from); "
@@ -908,9 +910,9 @@ def _accumulator(state: Mapping) -> SigmaAccumulator:
 
 # ============================================================================================== driver
 def ray_compute_sigmas(
-    model_spec: "ModelSpec | nn.Module",
+    model_spec: ModelSpec | nn.Module,
     layer_names: Sequence[str],
-    source: "SigmaSource | ImageFolderSource | ParquetSource",
+    source: SigmaSource | ImageFolderSource | ParquetSource,
     *,
     num_actors: int = 2,
     use_gpu: bool = False,
@@ -1049,6 +1051,7 @@ def _actor_resources(config: RaySigmaConfig, plan: _SourcePlan) -> tuple[dict, s
 
 def _compute(model_spec, layer_names: list[str], plan: _SourcePlan, config: RaySigmaConfig,
              estimate: MemoryEstimate) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the actors over the shards, tree-reduce their partial sums per layer, finalize on the driver."""
     tic = time.perf_counter()
     options, device, threads = _actor_resources(config, plan)
     dataset = plan.make_dataset(config.num_actors, config.read_cpus)
@@ -1057,56 +1060,73 @@ def _compute(model_spec, layer_names: list[str], plan: _SourcePlan, config: RayS
     shards = dataset.streaming_split(config.num_actors, equal=False)
     if device == "cpu":
         options["memory"] = int(estimate.total)  # lets Ray place actors where the Gram sums fit
+    actors = _start_actors(model_spec, layer_names, plan, config, options, device, threads, estimate.total)
+    try:
+        results = [actor.run.options(num_returns=len(layer_names) + 1).remote(
+            shard, plan.batch_size, plan.records_per_batch) for actor, shard in zip(actors, shards)]
+        actor_infos = _wait_with_progress(actors, [r[-1] for r in results], plan.n_samples, config)
+    finally:
+        for actor in actors:  # their results are owned by this driver and outlive them
+            ray.kill(actor)
+    images = sum(i["images"] for i in actor_infos)
+    if images != plan.n_samples:
+        raise RuntimeError(f"the actors saw {images} images, expected {plan.n_samples}")
+    t_reduce = time.perf_counter()
+    sigmas, patches = _reduce_and_finalize(layer_names, results, plan.centered)
+    seconds = time.perf_counter() - tic
+    busiest = max(i["seconds"] for i in actor_infos)
+    return sigmas, {"patches": patches, "actors": actor_infos, "device": device, "num_actors": config.num_actors,
+                    "compute_seconds": seconds, "reduce_seconds": time.perf_counter() - t_reduce,
+                    # wall time includes actor start-up (imports, model build); the steady rate excludes it
+                    "images_per_second": images / seconds, "steady_images_per_second": images / busiest}
+
+
+def _start_actors(model_spec, layer_names, plan: _SourcePlan, config: RaySigmaConfig, options: dict, device: str,
+                  threads: int, needed_bytes: int) -> list:
     worker_cls = ray.remote(_SigmaWorker).options(
         **options, max_concurrency=2,  # run() and progress() concurrently
         # Spin-waiting OpenMP threads make torch ~40x slower on shared nodes (design.md, Threads).
         runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
     shared = _shared_spec(model_spec)
-    actors = [worker_cls.remote(shared, layer_names, plan.decoder, device, config.compute_dtype, threads,
-                                estimate.total) for _ in range(config.num_actors)]
-    try:
-        results = [actor.run.options(num_returns=len(layer_names) + 1).remote(
-            shard, plan.batch_size, plan.records_per_batch) for actor, shard in zip(actors, shards)]
-        actor_infos = _wait_with_progress(actors, [r[-1] for r in results], plan.n_samples, config)
-        t_actors = time.perf_counter()
-    finally:
-        for actor in actors:  # their results are owned by this driver and outlive them
-            ray.kill(actor)
+    return [worker_cls.remote(shared, layer_names, plan.decoder, device, config.compute_dtype, threads,
+                              needed_bytes) for _ in range(config.num_actors)]
+
+
+def _reduce_and_finalize(layer_names: list[str], results: list, centered: bool) -> tuple[dict, dict]:
+    """Per layer: pairwise merge tasks over the actors' partial sums, then finalize here (one layer at a time)."""
     merge = _merge_task()
     reduced = {name: tree_reduce([r[j] for r in results], merge) for j, name in enumerate(layer_names)}
     sigmas, patches = {}, {}
     for name, ref in reduced.items():
         acc = _accumulator(ray.get(ref))
         patches[name] = acc.count
-        sigmas[name] = acc.finalize(centered=plan.centered)
-        del acc
-    seconds = time.perf_counter() - tic
-    images = sum(i["images"] for i in actor_infos)
-    if images != plan.n_samples:
-        raise RuntimeError(f"the actors saw {images} images, expected {plan.n_samples}")
-    busiest = max(i["seconds"] for i in actor_infos)
-    return sigmas, {"patches": patches, "actors": actor_infos, "device": device, "num_actors": config.num_actors,
-                    "compute_seconds": seconds, "reduce_seconds": time.perf_counter() - t_actors,
-                    # wall time includes actor start-up (imports, model build); the steady rate excludes it
-                    "images_per_second": images / seconds, "steady_images_per_second": images / busiest}
+        sigmas[name] = acc.finalize(centered=centered)
+    return sigmas, patches
 
 
 def _wait_with_progress(actors, info_refs, total: int, config: RaySigmaConfig) -> list[dict]:
-    """Wait for every actor's final info, polling their image counters into a tqdm bar."""
+    """Wait for every actor's final info, polling their image counters into a tqdm bar.
+
+    Fails fast: a streaming_split consumer that dies can stall the others, so the first error is raised at once.
+    """
     pending = list(info_refs)
     with tqdm(total=total, desc="Sigma (ray)", unit="img", disable=not config.progress, leave=False) as bar:
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=config.poll_seconds)
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=config.poll_seconds)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayError as exc:
+                raise RuntimeError(f"a Sigma actor failed: {exc}") from exc
             if config.progress:
-                try:
-                    seen = sum(ray.get([a.progress.remote() for a in actors], timeout=config.poll_seconds * 4))
-                    bar.update(seen - bar.n)
-                except (ray.exceptions.RayError, TimeoutError):
-                    pass  # a dead actor's error surfaces below, from its result
+                bar.update(_images_seen(actors, config.poll_seconds * 4) - bar.n)
+    return ray.get(list(info_refs))
+
+
+def _images_seen(actors, timeout: float) -> int:
     try:
-        return ray.get(list(info_refs))
-    except ray.exceptions.RayError as exc:
-        raise RuntimeError(f"a Sigma actor failed: {exc}") from exc
+        return sum(ray.get([a.progress.remote() for a in actors], timeout=timeout))
+    except (ray.exceptions.RayError, TimeoutError):
+        return 0  # a dead actor's error surfaces from its result; a busy one is polled again next time
 
 
 def _factors(sigmas: Mapping[str, torch.Tensor]) -> dict:

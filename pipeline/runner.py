@@ -358,7 +358,8 @@ def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, con
     acc = accuracy(tuned, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)
     stats = model_stats(tuned.cpu(), input_shape)
-    point = _point_metrics(label, rule, base["alpha"], baseline, stats, acc, base["layers"], base["decompose_seconds"])
+    point = _point_metrics(label, rule, base["alpha"], baseline, stats, acc, base["layers"],
+                           base["decompose_seconds"])
     point.update(slug=slug, top1_before_ft=base["top1"], finetune=info, finetune_seconds=info["seconds"])
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": base["alpha"],
                             "best_lr": info["best_lr"]}, nested=True):

@@ -139,7 +139,6 @@ def test_paper_tables_3_4_tiny(tmp_path, vgg_weights):
     assert "Tucker2-ALS + FT" in result["text"] and "FW-LRA" in result["text"]
 
 
-@pytest.mark.slow
 def test_paper_table_6_tiny_and_resume(tmp_path, vgg_weights):
     cfg = _tiny_tables(tmp_path, vgg_weights)
     six = table_6(cfg)

@@ -120,9 +120,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _assert_same_sigmas(got: dict, want: dict, tol: float = 1e-10) -> None:
     assert list(got) == list(want)
-    for name in want:
+    for name, sigma in want.items():
         assert got[name].dtype == torch.float64
-        assert _rel(got[name], want[name]) <= tol, (name, _rel(got[name], want[name]))
+        assert _rel(got[name], sigma) <= tol, (name, _rel(got[name], sigma))
 
 
 # ============================================================================================== Sigma over Ray
@@ -411,7 +411,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "sidecar", "no-data"])
 def test_corrupt_cache_entry_is_detected_and_recomputed(tmp_path, weights_file, damage, monkeypatch):
-    import pipeline.compress as compress
+    from pipeline import compress
 
     calls = []
     real = compress.accumulate_sigma

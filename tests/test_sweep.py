@@ -44,6 +44,13 @@ FMNIST = SweepSource(DatasetSpec("fashion-mnist"))
 DIGITS = SweepSource(DatasetSpec("digits"))
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the sweep (rightly) prefers over its default:
+    # without this, one test's store would leak into the next test's sweep.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
@@ -343,7 +350,8 @@ class LocalCluster:
         self.port, self.dashboard_port = ports[0], ports[1]
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = _has_dashboard_deps()
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        self.env = {**env, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",

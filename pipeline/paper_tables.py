@@ -104,10 +104,10 @@ def _by(points: list[dict], method: str, alpha: float) -> list[dict]:
     return [p for p in points if p["method"] == method and p["alpha"] == alpha]
 
 
-def _title(name: str, config: PaperTablesConfig, baseline: dict) -> str:
+def _title(name: str, config: PaperTablesConfig, baseline: dict, data: str = "Sigma") -> str:
     n_eval = baseline.get("n", config.eval_limit)
     return (f"{name} -- {config.model} on Fashion-MNIST: top-1 % on {n_eval} test images; original model "
-            f"{baseline['top1']:.2f} %; Sigma (and FW-LRA/AG-LRA statistics) from {config.n_samples} training images")
+            f"{baseline['top1']:.2f} %; {data} from {config.n_samples} training images")
 
 
 def tables_3_4(config: PaperTablesConfig) -> dict:
@@ -146,7 +146,7 @@ def tables_3_4(config: PaperTablesConfig) -> dict:
         notes.append(f"Tucker2-ALS + FT: Adam, lr from {list(f.lrs)} chosen by top-1 on {f.holdout} held-out "
                      f"training images; {f.epochs} epoch(s) on {f.train_subset or 'all other'} training images, "
                      f"batch {f.batch_size}, seed {f.seed}.")
-    text = "\n".join([_title("Tables 3-4", config, result["baseline"]), "",
+    text = "\n".join([_title("Tables 3-4", config, result["baseline"], "Sigma and the FW-LRA/AG-LRA statistics"), "",
                       format_table(_display(rows), columns), "", *notes])
     return {"text": text, "rows": rows, "columns": columns, "result": result}
 
@@ -195,7 +195,8 @@ def table_6(config: PaperTablesConfig) -> dict:
     columns = [("alpha", "alpha"), ("compression_rate", "CR"), *((m, _HEADERS[m]) for m in TABLE_6_METHODS)]
     s = config.cp_solver
     notes = [f"mean ± sample std over seeds 0..{config.cp_seeds - 1} (SolverOptions.seed: random part of the CP "
-             f"initialization); ALS max_iter={s.max_iter}, tol={s.tol:g}; no fine-tuning.",
+             f"initialization; a method whose init uses no randomness at these ranks gets std 0); "
+             f"ALS max_iter={s.max_iter}, tol={s.tol:g}; no fine-tuning.",
              "Per-seed top-1: " + "; ".join(f"alpha={r['alpha']:g} " + ", ".join(
                  f"{_HEADERS[m]} {[round(v, 2) for v in r[f'{m}_runs']]}" for m in TABLE_6_METHODS) for r in rows)]
     text = "\n".join([_title("Table 6", config, baseline), "", format_table(_display(rows), columns), "", *notes])

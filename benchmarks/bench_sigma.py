@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    base_parser, load_fashion_mnist, log, machine_header, setup, sync, table, timeit,
+    base_parser, load_fashion_mnist, log, machine_header, setup, table, timeit,
 )
 
 from sigma_core.covariance import _PAD_MODES, SigmaAccumulator, _conv_pads, conv_patches  # noqa: E402

@@ -40,6 +40,8 @@ def _config(tmp_path: Path, weights: Path, **overrides) -> CompressConfig:
         sigma=SigmaSource(DatasetSpec("fashion-mnist"), n_samples=48, batch_size=16),
         eval_limit=64, alphas=(0.9,), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
         progress=False, batch_size=64, solver=SolverOptions(max_iter=8),
+        # Explicit, so that an MLFLOW_TRACKING_URI left by another test cannot redirect the runs.
+        tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}",
     )
     base.update(overrides)
     return CompressConfig(**base)

@@ -244,7 +244,8 @@ def main() -> None:
                 t_gemm = timeit(lambda: u.T @ u, device, repeats=repeats)
                 g32 = u.T @ u
                 t_up = timeit(lambda: gram.add_(g32.to(torch.float64)), device, repeats=repeats)
-            t_sum = timeit(lambda: u.sum(dim=0, dtype=torch.float64), device, repeats=repeats)
+            # column sums as covariance.py does them (since cbb01c0: in the compute dtype, then to float64)
+            t_sum = timeit(lambda: u.sum(dim=0).to(torch.float64), device, repeats=repeats)
             rec["parts"] = [t_unfold, t_copy, t_conv, t_gemm, t_up, t_sum]
             rec["gemm_rate"] = flops / t_gemm / 1e9
             del cols, p, u, gram

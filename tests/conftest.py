@@ -2,7 +2,29 @@
 
 import os
 
+import pytest
+
 # Spin-waiting OpenMP threads make small kernels ~40x slower on shared 2-core machines (design.md, Threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # numpy's OpenBLAS threads spin while waiting as well; one thread is faster on a loaded machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def vgg_weights(tmp_path_factory):
+    """Random-init vgg-fmnist weights (a few BatchNorm updates) saved as safetensors: a real model file for
+    pipeline tests that must not depend on a trained cache."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vgg-fmnist")
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(32, 1, 28, 28))
+    path = tmp_path_factory.mktemp("w") / "vgg.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -101,20 +101,6 @@ def test_finetune_config_errors():
         FinetuneConfig(epochs=0)
 
 
-@pytest.fixture(scope="module")
-def vgg_weights(tmp_path_factory) -> Path:
-    # Random-init VGG with a few BatchNorm updates, as in tests/test_pipeline.py.
-    torch.manual_seed(0)
-    model = build_model("vgg-fmnist")
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("w") / "vgg.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _tiny_tables(tmp_path: Path, weights: Path) -> PaperTablesConfig:

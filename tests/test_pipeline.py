@@ -18,20 +18,6 @@ from pipeline.runner import CompressConfig, run_compress
 from sigma_core import Tucker2Conv, get_module
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("vgg-fmnist")
-    # A few BatchNorm statistics updates so the activations are not degenerate.
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("w") / "vgg.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _config(tmp_path: Path, weights: Path, **overrides) -> CompressConfig:
@@ -47,8 +33,8 @@ def _config(tmp_path: Path, weights: Path, **overrides) -> CompressConfig:
     return CompressConfig(**base)
 
 
-def test_compress_job_end_to_end(tmp_path, weights_file):
-    config = _config(tmp_path, weights_file)
+def test_compress_job_end_to_end(tmp_path, vgg_weights):
+    config = _config(tmp_path, vgg_weights)
     result = run_compress(config)
     points = {p["method"]: p for p in result["points"]}
     assert set(points) == {"tucker2-als", "tucker2-als-sigma"}
@@ -82,8 +68,8 @@ def test_compress_job_end_to_end(tmp_path, weights_file):
     assert any(k.startswith("layer.") and k.endswith("rel_sigma_err") for k in metrics)
 
 
-def test_compress_job_resumes(tmp_path, weights_file):
-    config = _config(tmp_path, weights_file, methods=("tucker2-als-sigma",), alphas=(0.9, 1.0), track=False)
+def test_compress_job_resumes(tmp_path, vgg_weights):
+    config = _config(tmp_path, vgg_weights, methods=("tucker2-als-sigma",), alphas=(0.9, 1.0), track=False)
     first = run_compress(config)
     points_dir = Path(config.output_dir) / "points"
     files = sorted(points_dir.glob("*.json"))
@@ -98,38 +84,38 @@ def test_compress_job_resumes(tmp_path, weights_file):
     assert second["sigma_info"]["cached"] is True
 
 
-def test_sigma_from_another_dataset(tmp_path, weights_file):
-    config = _config(tmp_path, weights_file, methods=("tucker2-als-sigma",), track=False, save_models=False,
+def test_sigma_from_another_dataset(tmp_path, vgg_weights):
+    config = _config(tmp_path, vgg_weights, methods=("tucker2-als-sigma",), track=False, save_models=False,
                      sigma=SigmaSource(DatasetSpec("digits"), n_samples=40, batch_size=20))
     result = run_compress(config)
     assert result["points"][0]["failed_layers"] == 0
     assert result["sigma_info"]["images"] == 40
 
 
-def test_cli_parses_and_reports_bad_input(tmp_path, weights_file, capsys):
-    args = build_parser().parse_args(["compress", "--model", "vgg-fmnist", "--weights", str(weights_file),
+def test_cli_parses_and_reports_bad_input(tmp_path, vgg_weights, capsys):
+    args = build_parser().parse_args(["compress", "--model", "vgg-fmnist", "--weights", str(vgg_weights),
                                       "--alpha", "0.7,0.9", "-n", "32", "--layers", "features.4"])
     config = compress_config(args)
     assert config.alphas == (0.7, 0.9) and config.sigma.n_samples == 32 and config.layers == ("features.4",)
-    code = main(["compress", "--model", "vgg-fmnist", "--weights", str(weights_file), "--layers", "nope.conv",
+    code = main(["compress", "--model", "vgg-fmnist", "--weights", str(vgg_weights), "--layers", "nope.conv",
                  "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-mlflow",
                  "--no-progress"])
     assert code == 2
     assert "nope.conv" in capsys.readouterr().err
 
 
-def test_bad_configs(tmp_path, weights_file):
+def test_bad_configs(tmp_path, vgg_weights):
     with pytest.raises(ValueError, match="unknown method"):
-        _config(tmp_path, weights_file, methods=("tucker9",))
+        _config(tmp_path, vgg_weights, methods=("tucker9",))
     with pytest.raises(ValueError, match="needs --weights"):
         run_compress(_config(tmp_path, None, model="resnet18", track=False))
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        run_compress(_config(tmp_path, weights_file, track=False,
+        run_compress(_config(tmp_path, vgg_weights, track=False,
                              eval_dataset=DatasetSpec("fashion-mnist", root=str(tmp_path / "none"), split="test")))
 
 
-def test_rank_too_large_is_reported_per_layer(tmp_path, weights_file):
-    config = _config(tmp_path, weights_file, methods=("tucker2-als-sigma",), ranks=(100, 100), alphas=(),
+def test_rank_too_large_is_reported_per_layer(tmp_path, vgg_weights):
+    config = _config(tmp_path, vgg_weights, methods=("tucker2-als-sigma",), ranks=(100, 100), alphas=(),
                      track=False, save_models=False)
     result = run_compress(config)
     layers = result["points"][0]["layers"]

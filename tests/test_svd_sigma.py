@@ -214,21 +214,6 @@ def test_rank_rule_resolve_svd():
 # ------------------------------------------------------------------------------------------ compress job
 
 
-@pytest.fixture(scope="module")
-def vgg_weights(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    from pipeline.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("vgg-fmnist")
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("w") / "vgg.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _job_config(tmp_path, weights, **overrides):

@@ -10,7 +10,6 @@ from torch import nn
 
 from pipeline.finetune import FinetuneConfig, FinetuneData, finetune, split_holdout
 from pipeline.methods import SolverOptions
-from pipeline.models import build_model
 from pipeline.paper_tables import TABLE_3_4_METHODS, PaperTablesConfig, table_6, tables_3_4
 from pipeline.quantize import evaluate_precisions
 

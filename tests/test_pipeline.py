@@ -13,7 +13,6 @@ from jobs.cli import build_parser, compress_config, main
 from pipeline.compress import SigmaSource, load_compressed
 from pipeline.data import DatasetSpec
 from pipeline.methods import SolverOptions
-from pipeline.models import build_model
 from pipeline.runner import CompressConfig, run_compress
 from sigma_core import Tucker2Conv, get_module
 

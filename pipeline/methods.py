@@ -45,13 +45,23 @@ class SolverOptions:
     cg_steps: int | None = None
     solver: str = "auto"
     seed: int = 0
+    # CP initialization of cp-als, cp-als-sigma and cp-deflation-sigma: "svd" (deterministic, except tensorly's
+    # random fill of modes smaller than R) or "random" (Gaussian factors from ``seed``; the paper's Table 6 runs).
+    cp_init: str = "svd"
+
+    def __post_init__(self) -> None:
+        if self.cp_init not in ("svd", "random"):
+            raise ValueError(f"cp_init must be 'svd' or 'random', got {self.cp_init!r}")
+        if self.max_iter < 0 or not self.tol >= 0:
+            raise ValueError(f"max_iter must be >= 0 and tol >= 0, got max_iter={self.max_iter}, tol={self.tol}")
 
     def sigma_config(self) -> Tucker2SigmaConfig:
         return Tucker2SigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver)
 
     def cp_config(self) -> CPSigmaConfig:
         """The same settings for CP-ALS-Sigma (per rank-one term for the deflation)."""
-        return CPSigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver)
+        return CPSigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver,
+                             init=self.cp_init)
 
     def weighted_config(self) -> WeightedTucker2Config:
         """The same sweep cap / tolerance for the weighted-ALS baselines FW-LRA and AG-LRA."""
@@ -135,8 +145,9 @@ def _cp_sigma(weight, sigma, ranks, options: SolverOptions, device):
 
 
 def _cp_frob(weight, sigma, ranks, options: SolverOptions, device):
-    # tensorly parafac (the paper's CP-ALS) with its default SVD init; random fill of small modes is seeded.
-    return cp_als(weight, ranks[0], n_iter_max=options.max_iter, tol=min(options.tol, 1e-8), random_state=options.seed)
+    # tensorly parafac (the paper's CP-ALS); with the SVD init, tensorly's random fill of small modes is seeded.
+    return cp_als(weight, ranks[0], n_iter_max=options.max_iter, tol=min(options.tol, 1e-8), init=options.cp_init,
+                  random_state=options.seed)
 
 
 def _cp_deflation(weight, sigma, ranks, options: SolverOptions, device):

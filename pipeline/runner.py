@@ -208,9 +208,12 @@ def plan_points(model: nn.Module, config: CompressConfig) -> tuple[dict[str, dic
 def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
     # Hybrid / SVD settings enter the identity only when set, so that existing points keep their slugs.
     extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
+    solver = asdict(config.solver)
+    if solver["cp_init"] == "svd":  # the default, added later: leave it out so that existing slugs stay valid
+        del solver["cp_init"]
     ident = json.dumps({"method": method, "rule": rule.describe(), "sigma": config.sigma.identity(),
                         "eval": config.eval_dataset.identity(), "limit": config.eval_limit,
-                        "solver": asdict(config.solver), "layers": config.layers, **extra}, sort_keys=True,
+                        "solver": solver, "layers": config.layers, **extra}, sort_keys=True,
                        default=str)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
     if rule.alpha is not None:

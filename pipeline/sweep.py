@@ -290,7 +290,9 @@ def grid_points(config: SweepConfig) -> list[TrialPoint]:
 
 def sweep_identity(config: SweepConfig, fingerprint: str, layers: Sequence[str]) -> dict:
     """Everything besides the point that determines a trial's result (not paths, tracking or resources)."""
-    solver = {k: v for k, v in asdict(config.solver).items() if k != "seed"}
+    # cp_init at its default is left out: it was added later and existing trial keys must stay valid.
+    solver = {k: v for k, v in asdict(config.solver).items()
+              if k != "seed" and not (k == "cp_init" and v == "svd")}
     return {"model": config.model, "weights": fingerprint, "layers": sorted(layers),
             "eval": config.eval_dataset.identity(), "eval_limit": config.eval_limit, "solver": solver,
             "centered": config.centered, "format": KEY_FORMAT}

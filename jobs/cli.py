@@ -34,6 +34,20 @@ def _ranks(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"ranks are R_T,R_S (two integers), got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+CP_INITS = ("svd", "random")
+LINEAR_METHODS = ("svd", "svd-sigma")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet-fmnist", help="resnet-fmnist, vgg-fmnist, or a torchvision arch")
     p.add_argument("--weights", default=None, help="safetensors or state_dict file (required for torchvision archs)")
@@ -61,12 +75,27 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--methods", default="tucker2-als,tucker2-als-sigma" if demo else "tucker2-als-sigma")
     p.add_argument("--alpha", type=_floats, default=DEMO_ALPHAS if demo else (0.8,),
                    help="VBMF ratio(s) of paper Eq. 2, comma separated")
-    p.add_argument("--ranks", type=_ranks, default=None, help="explicit R_T,R_S for every layer")
-    p.add_argument("--fraction", type=float, default=None, help="ranks = fraction of each layer's channels")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--ranks", type=_ranks, default=None, help="explicit Tucker-2 R_T,R_S for every layer")
+    rank.add_argument("--fraction", type=float, default=None, help="ranks = fraction of each layer's channels")
+    rank.add_argument("--cp-rank", type=_positive_int, default=None, metavar="R",
+                      help="explicit CP rank R for every conv (CP methods only: cp-als, cp-als-sigma, "
+                           "cp-deflation-sigma)")
+    p.add_argument("--svd-rank", type=_positive_int, default=None, metavar="r",
+                   help="explicit SVD rank r of the layers factorized by SVD (svd/svd-sigma methods, --linear-method)")
+    p.add_argument("--linear-method", default=None, choices=LINEAR_METHODS,
+                   help="hybrid compression (paper App. E): linear layers by this SVD method, convs by each of "
+                        "--methods")
+    p.add_argument("--compress-last-linear", action="store_true",
+                   help="also factorize the classifier (last nn.Linear), which SVD methods leave dense by default")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: plan_layers' choice)")
     p.add_argument("--max-iter", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-4, help="stop when rel_sigma_err decreases less than this")
     p.add_argument("--cg-steps", type=int, default=None, help="inexact mode: CG steps per sweep")
+    p.add_argument("--cp-init", default="svd", choices=CP_INITS,
+                   help="initialization of the CP methods: svd (deterministic) or random (Gaussian factors "
+                        "from --solver-seed)")
+    p.add_argument("--solver-seed", type=int, default=0, help="seed of the random CP initialization")
     p.add_argument("--output-dir", default="outputs/demo" if demo else "outputs/compress")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite in the output dir)")
     p.add_argument("--experiment", default="sigma-compress")
@@ -128,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument("--alpha", type=_floats, default=(0.7, 0.8, 0.9), help="rows of Tables 3-4")
     tables.add_argument("--cp-alpha", type=_floats, default=(0.8, 0.9), help="rows of Table 6")
     tables.add_argument("--cp-seeds", type=int, default=5, help="seeds of Table 6")
-    tables.add_argument("--cp-max-iter", type=int, default=25, help="ALS sweep cap of Table 6")
+    tables.add_argument("--cp-max-iter", type=int, default=50, help="ALS sweep cap of Table 6")
+    tables.add_argument("--cp-init", default="random", choices=CP_INITS,
+                        help="CP initialization of Table 6 (the paper: random, over --cp-seeds seeds)")
     tables.add_argument("--max-iter", type=int, default=100, help="ALS sweep cap of Tables 3-4")
     tables.add_argument("-n", "--n-samples", type=int, default=2000, help="training images for Sigma")
     tables.add_argument("--eval-limit", type=int, default=None)
@@ -152,7 +183,7 @@ def compress_config(args):
     """Build a :class:`pipeline.runner.CompressConfig` from parsed flags."""
     from pipeline.compress import SigmaSource
     from pipeline.data import DatasetSpec
-    from pipeline.methods import SolverOptions
+    from pipeline.methods import SolverOptions, get_method
     from pipeline.models import REFERENCE_MODELS
     from pipeline.runner import CompressConfig
 
@@ -164,16 +195,24 @@ def compress_config(args):
                     args.sigma_image_size, args.resample),
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
     )
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.ranks is not None:
+        cp = [m for m in methods if get_method(m).family == "cp"]
+        if cp:
+            raise ValueError(f"--ranks R_T,R_S are Tucker-2 ranks; for the CP methods {', '.join(cp)} give "
+                             "--cp-rank R (or --alpha / --fraction)")
     return CompressConfig(
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,
         sigma=sigma,
         eval_dataset=DatasetSpec(args.eval_dataset, root_for(args.eval_dataset, args.eval_root), "test"),
         eval_limit=args.eval_limit,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        alphas=args.alpha, ranks=args.ranks, fraction=args.fraction,
+        methods=methods,
+        alphas=args.alpha, ranks=args.ranks, fraction=args.fraction, cp_rank=args.cp_rank,
         layers=tuple(x.strip() for x in args.layers.split(",")) if args.layers else None,
-        solver=SolverOptions(max_iter=args.max_iter, tol=args.tol, cg_steps=args.cg_steps),
+        linear_method=args.linear_method, svd_rank=args.svd_rank, compress_last_linear=args.compress_last_linear,
+        solver=SolverOptions(max_iter=args.max_iter, tol=args.tol, cg_steps=args.cg_steps, seed=args.solver_seed,
+                             cp_init=args.cp_init),
         device=args.device, output_dir=args.output_dir, cache_dir=args.cache_dir,
         tracking_uri=args.tracking_uri, experiment=args.experiment, track=not args.no_mlflow,
         save_models=not args.no_save_models, retrain_corrupt=args.retrain, progress=not args.no_progress,
@@ -230,7 +269,8 @@ def paper_tables_config(args):
     return PaperTablesConfig(
         model=args.model, weights=args.weights, alphas=args.alpha, n_samples=args.n_samples,
         eval_limit=args.eval_limit, finetune=_finetune_config(args), solver=SolverOptions(max_iter=args.max_iter),
-        cp_alphas=args.cp_alpha, cp_seeds=args.cp_seeds, cp_solver=SolverOptions(max_iter=args.cp_max_iter),
+        cp_alphas=args.cp_alpha, cp_seeds=args.cp_seeds,
+        cp_solver=SolverOptions(max_iter=args.cp_max_iter, cp_init=args.cp_init),
         output_dir=args.output_dir, cache_dir=args.cache_dir, data_root=args.data_root, device=args.device,
         progress=not args.no_progress,
     )

@@ -22,7 +22,7 @@ from pipeline.data import DatasetSpec, make_loader, sample_subset
 from pipeline.evaluate import evaluate
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
-from pipeline.sigma_cache import SigmaCache, model_fingerprint, sigma_key
+from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint
 from sigma_core import (
     RankRule,
     accumulate_sigma,
@@ -79,31 +79,51 @@ def compute_sigmas(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Finalized Sigma (float64, CPU) of every layer in ``layer_names``, from the cache when possible.
 
+    The cache is read per layer (a whole-set entry of an older run is used as is): only the layers it lacks are
+    captured, in one pass over the images, and written as one entry each; then an index makes the whole-set key
+    (``info["key"]``, what sweep trials read) resolve to them (:meth:`SigmaCache.save_index`).
+
     Returns
     -------
     sigmas : dict of str to torch.Tensor (n, n)
+        In the order of ``layer_names``.
     info : dict
-        ``cached`` flag, cache key, seconds, number of images and patches per layer.
+        ``cached`` (every layer from the cache), whole-set cache ``key``, ``seconds``, number of ``images``,
+        ``cached_layers`` / ``computed_layers`` and ``patches`` per computed layer.
     """
-    key = sigma_key(model_fingerprint(model), layer_names, source.dataset.identity(), source.n_samples,
-                    source.seed, source.centered)
+    layer_names = list(layer_names)
+    key = SigmaKey(model_fingerprint(model), source.dataset.identity(), source.n_samples, source.seed,
+                   source.centered)
+    whole_key = key.for_layers(layer_names)
+    info = {"key": whole_key, "images": source.n_samples}
     if cache is not None:
-        hit = cache.load(key, layer_names)
+        hit = cache.load(whole_key, layer_names)  # a whole-set entry (older runs) or an index of per-layer entries
         if hit is not None:
-            return hit, {"cached": True, "key": key, "seconds": 0.0}
-    dataset = source.dataset.build(cache_dir=data_cache_dir)
-    subset = sample_subset(dataset, source.n_samples, source.seed)
-    loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
+            return hit, {**info, "cached": True, "seconds": 0.0, "cached_layers": layer_names, "computed_layers": []}
+    # One layer: its per-layer key is the whole-set key, just tried.
+    cached = cache.load_layers(key, layer_names, whole=False) if cache is not None and len(layer_names) > 1 else {}
+    missing = [name for name in layer_names if name not in cached]
     tic = time.perf_counter()
-    model = model.to(device)
-    with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
-        accs = accumulate_sigma(model, loader, layer_names, device=device,
-                                callback=lambda seen: bar.update(seen - bar.n))
-    sigmas = {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
-    info = {"cached": False, "key": key, "seconds": time.perf_counter() - tic, "images": source.n_samples,
-            "patches": {name: acc.count for name, acc in accs.items()}}
+    computed, patches = {}, {}
+    if missing:
+        dataset = source.dataset.build(cache_dir=data_cache_dir)
+        subset = sample_subset(dataset, source.n_samples, source.seed)
+        loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
+        model = model.to(device)
+        with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
+            accs = accumulate_sigma(model, loader, missing, device=device,
+                                    callback=lambda seen: bar.update(seen - bar.n))
+        computed = {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
+        patches = {name: acc.count for name, acc in accs.items()}
+    info.update(cached=not missing, seconds=time.perf_counter() - tic,
+                cached_layers=[name for name in layer_names if name in cached], computed_layers=missing,
+                patches=patches)
     if cache is not None:
-        cache.save(key, sigmas, {"source": source.identity(), "layers": list(layer_names), **info})
+        description = {"source": source.identity(), "weights": key.weights_hash}
+        if computed:
+            cache.save_layers(key, computed, {**description, "seconds": info["seconds"], "patches": patches})
+        cache.save_index(key, layer_names, description)
+    sigmas = {name: cached[name] if name in cached else computed[name] for name in layer_names}
     return sigmas, info
 
 

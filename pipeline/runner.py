@@ -48,7 +48,8 @@ class CompressConfig:
 
     Sigma comes from ``sigma`` (any dataset view, e.g. digits for a Fashion-MNIST model); accuracy from
     ``eval_dataset``. Rank rules: each alpha of ``alphas`` (paper Eq. 2), or explicit ``ranks`` (R_T, R_S)
-    for every layer, or a ``fraction`` of each layer's channels.
+    for every layer, or a ``fraction`` of each layer's channels, or an explicit ``cp_rank`` R for every layer
+    (CP methods only).
 
     SVD methods (``"svd-sigma"``, ``"svd"``) factorize linear layers (and 1x1 convs named in ``layers``). Hybrid
     compression (paper App. E, Table 5): ``linear_method`` factorizes the linear layers while the convs use each
@@ -73,6 +74,7 @@ class CompressConfig:
     alphas: tuple[float, ...] = (0.8,)
     ranks: tuple[int, int] | None = None
     fraction: float | None = None
+    cp_rank: int | None = None
     layers: tuple[str, ...] | None = None
     linear_method: str | None = None
     svd_rank: int | None = None
@@ -98,8 +100,10 @@ class CompressConfig:
             get_method(name)
         if not self.methods:
             raise ValueError("methods is empty: choose at least one of the registered methods")
-        if self.ranks is None and self.fraction is None and not self.alphas and self.svd_rank is None:
-            raise ValueError("give alphas, explicit ranks or a rank fraction")
+        if self.ranks is None and self.fraction is None and self.cp_rank is None and not self.alphas \
+                and self.svd_rank is None:
+            raise ValueError("give alphas, explicit ranks, a rank fraction or a CP rank")
+        self._check_cp_rank()
         if self.linear_method is not None and get_method(self.linear_method).family != "svd":
             raise ValueError(f"linear_method must be an SVD method (svd-sigma or svd), got {self.linear_method!r}")
         uses_svd = self.linear_method is not None or any(get_method(m).family == "svd" for m in self.methods)
@@ -108,6 +112,20 @@ class CompressConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available: use --device cpu")
         self._check_extras()
+
+    def _check_cp_rank(self) -> None:
+        if self.cp_rank is None:
+            return
+        if self.ranks is not None or self.fraction is not None:
+            raise ValueError("give only one of ranks, fraction and cp_rank")
+        if isinstance(self.cp_rank, bool) or not isinstance(self.cp_rank, int) or self.cp_rank < 1:
+            raise ValueError(f"cp_rank must be an integer >= 1, got {self.cp_rank!r}")
+        not_cp = [m for m in self.methods if get_method(m).family != "cp"]
+        if not_cp:
+            raise ValueError(f"cp_rank is a CP rank but methods {not_cp} are not CP methods; use ranks / fraction "
+                             "/ alphas for them, or run them separately")
+        if self.linear_method is not None and self.svd_rank is None:
+            raise ValueError("cp_rank applies to the convs only: give svd_rank for the linear layers too")
 
     def _check_extras(self) -> None:
         """Fine-tuning / precision options: they reload saved models and fine-tune on Fashion-MNIST."""
@@ -128,6 +146,8 @@ class CompressConfig:
             return [(RankRule(ranks=tuple(self.ranks)), None)]
         if self.fraction is not None:
             return [(RankRule(fraction=self.fraction), None)]
+        if self.cp_rank is not None:
+            return [(RankRule(cp_rank=self.cp_rank), None)]
         if self.svd_rank is not None and all(get_method(m).family == "svd" for m in self.methods):
             return [(RankRule(svd_rank=self.svd_rank), None)]
         return [(RankRule(alpha=a), a) for a in self.alphas]
@@ -220,8 +240,12 @@ def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
         label = f"alpha{rule.alpha:g}"
     elif rule.ranks is not None:
         label = "ranks" + "x".join(map(str, rule.ranks))
-    else:
+    elif rule.fraction is not None:
         label = f"fraction{rule.fraction:g}"
+    elif rule.cp_rank is not None:
+        label = f"cprank{rule.cp_rank}"
+    else:
+        label = f"svdrank{rule.svd_rank}"
     return f"{method}-{label}-{digest}"
 
 

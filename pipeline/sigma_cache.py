@@ -25,8 +25,15 @@ Atomicity
 
 Per-layer reuse
     :meth:`SigmaCache.load_layers` / :meth:`SigmaCache.save_layers` store one entry per layer (key of that single
-    layer, :meth:`SigmaKey.for_layers`), so a sweep that adds layers recomputes only the new ones. The whole-set
-    entries of :meth:`SigmaCache.load` / :meth:`SigmaCache.save` (what ``compute_sigmas`` writes) are read too.
+    layer, :meth:`SigmaKey.for_layers`), so a run that adds layers recomputes only the new ones. Whole-set entries
+    of :meth:`SigmaCache.load` / :meth:`SigmaCache.save` (what ``compute_sigmas`` wrote before it went per layer,
+    and what the Ray sweep path still writes) are read too.
+
+Index entries
+    :meth:`SigmaCache.save_index` makes the whole-set key of a layer set resolve to its per-layer entries without
+    a second copy of the data: ``<key>.json`` only (``"kind": "index"``), holding the layer names and the
+    :class:`SigmaKey` fields they were hashed from. :meth:`SigmaCache.load` follows it, after checking that it
+    re-hashes to ``<key>``; a missing or corrupt part makes the whole index count as absent (with a warning).
 """
 
 from __future__ import annotations
@@ -163,12 +170,19 @@ class SigmaCache:
 
     # ------------------------------------------------------------------------------------------ whole sets
     def load(self, key: str, layers: Sequence[str]) -> dict[str, torch.Tensor] | None:
-        """The cached Sigmas of ``layers`` under ``key``, or None when absent or corrupt (a warning says which)."""
+        """The cached Sigmas of ``layers`` under ``key``, or None when absent or corrupt (a warning says which).
+
+        ``key`` may name a data entry or an index entry (:meth:`save_index`); an index is followed to its parts.
+        """
         data_path, meta_path = self._paths(key)
         if not self._exists(meta_path):
             return None
         try:
-            sigmas = self._read_verified(data_path, meta_path)
+            meta = json.loads(self._read_bytes(meta_path))
+            if isinstance(meta, dict) and meta.get("kind") == "index":
+                parts = self._index_parts(key, meta, layers)
+                return self._load_parts(parts, meta_path)
+            sigmas = self._read_verified(data_path, meta)
             missing = set(layers) - set(sigmas)
             if missing:
                 raise ValueError(f"missing layers {sorted(missing)}")
@@ -191,14 +205,16 @@ class SigmaCache:
         return data_path
 
     # ------------------------------------------------------------------------------------------ per layer
-    def load_layers(self, key: SigmaKey, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def load_layers(self, key: SigmaKey, layers: Sequence[str], *, whole: bool = True) -> dict[str, torch.Tensor]:
         """Every layer of ``layers`` found in the cache (possibly none): the whole-set entry, else per-layer ones.
 
         Corrupt entries are skipped with a warning, so their layers come back missing and get recomputed.
+        ``whole=False`` reads the per-layer entries only (for a caller that has tried the whole-set key already).
         """
-        whole = self.load(key.for_layers(layers), layers)
-        if whole is not None:
-            return whole
+        if whole:
+            hit = self.load(key.for_layers(layers), layers)
+            if hit is not None:
+                return hit
         found = {}
         for name in layers:
             hit = self.load(key.for_layers([name]), [name])
@@ -211,6 +227,54 @@ class SigmaCache:
         return [self.save(key.for_layers([name]), {name: sigma}, {**dict(description), "layer": name})
                 for name, sigma in sigmas.items()]
 
+    def save_index(self, key: SigmaKey, layers: Sequence[str], description: Mapping) -> str | None:
+        """Make ``key.for_layers(layers)`` resolve to the per-layer entries of ``layers`` (written before).
+
+        Writes a small JSON index instead of a second copy of the data, so readers of whole-set keys (sweep trials)
+        find the set. One layer: nothing to do (its per-layer key *is* the whole-set key); returns None. Otherwise
+        returns the index path. A stale data file under the same key (a corrupt old whole-set entry) is removed.
+        """
+        layers = list(layers)
+        if len(layers) < 2:
+            return None
+        data_path, meta_path = self._paths(key.for_layers(layers))
+        meta = {**dict(description), "format": _FORMAT, "kind": "index", "layers": sorted(layers),
+                "sigma_key": {"weights_hash": key.weights_hash, "dataset_identity": dict(key.dataset_identity),
+                              "n_samples": int(key.n_samples), "seed": int(key.seed), "centered": bool(key.centered)}}
+        self._put(meta_path, json.dumps(meta, indent=2, default=str).encode())
+        if self._exists(data_path):
+            try:
+                self.filesystem.delete_file(data_path)
+            except Exception:  # noqa: BLE001 -- best effort: an orphan data file is never read through the index
+                pass
+        return meta_path
+
+    def _index_parts(self, key: str, meta: Mapping, layers: Sequence[str]) -> dict[str, str]:
+        """Layer -> per-layer key of an index entry, after checking that the index hashes to ``key``."""
+        fields = meta["sigma_key"]
+        sigma = SigmaKey(str(fields["weights_hash"]), dict(fields["dataset_identity"]), int(fields["n_samples"]),
+                         int(fields["seed"]), bool(fields["centered"]))
+        indexed = [str(name) for name in meta["layers"]]
+        if sigma.for_layers(indexed) != key:
+            raise ValueError("index does not hash to its key")
+        missing = set(layers) - set(indexed)
+        if missing:
+            raise ValueError(f"missing layers {sorted(missing)}")
+        return {name: sigma.for_layers([name]) for name in layers}
+
+    def _load_parts(self, parts: Mapping[str, str], index_path: str) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for name, part in parts.items():
+            if not self._exists(self._paths(part)[1]):
+                warnings.warn(f"Sigma cache index {self._uri(index_path)} refers to a missing entry for layer "
+                              f"{name}; recomputing it", stacklevel=3)
+                return None
+            hit = self.load(part, [name])  # warns itself when the part is corrupt
+            if hit is None:
+                return None
+            out[name] = hit[name]
+        return out
+
     # ------------------------------------------------------------------------------------------ storage
     def _uri(self, path: str) -> str:
         return path if self._local else f"{self.filesystem.type_name}://{path}"
@@ -222,10 +286,9 @@ class SigmaCache:
         with self.filesystem.open_input_stream(path) as stream:
             return stream.read()
 
-    def _read_verified(self, data_path: str, meta_path: str) -> dict[str, torch.Tensor]:
+    def _read_verified(self, data_path: str, meta: Mapping) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
-        meta = json.loads(self._read_bytes(meta_path))
         data = self._read_bytes(data_path)
         if len(data) != meta["size"]:
             raise ValueError(f"size {len(data)} != {meta['size']} recorded in the sidecar (truncated?)")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from jobs.cli import build_parser, compress_config, main
-from pipeline.compress import SigmaSource, load_compressed
+from pipeline.compress import SigmaSource, compute_sigmas, load_compressed
 from pipeline.data import DatasetSpec
 from pipeline.methods import SolverOptions
+from pipeline.models import build_model
 from pipeline.runner import CompressConfig, run_compress
+from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint
 from sigma_core import Tucker2Conv, get_module
 
 
@@ -124,3 +127,98 @@ def test_rank_too_large_is_reported_per_layer(tmp_path, vgg_weights):
     assert result["points"][0]["failed_layers"] == len(failed)
     saved = json.loads(next((Path(config.output_dir) / "points").glob("*.json")).read_text())
     assert saved["failed_layers"] == len(failed)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_sigma_cache_is_per_layer(tmp_path, vgg_weights, monkeypatch):
+    from pipeline import compress
+
+    captured: list[list[str]] = []  # the layers of each pass over the images
+    real = compress.accumulate_sigma
+    monkeypatch.setattr(compress, "accumulate_sigma",
+                        lambda model, loader, names, **kw: captured.append(list(names)) or real(model, loader,
+                                                                                                  names, **kw))
+    model = build_model("vgg-fmnist", weights=vgg_weights).eval()
+    source = SigmaSource(DatasetSpec("fashion-mnist"), n_samples=24, batch_size=12)
+    a, b, c = "features.4", "features.7", "classifier.1"
+    fresh, _ = compute_sigmas(model, [a, b, c], source, progress=False)  # no cache: the reference
+    captured.clear()
+    cache = SigmaCache(tmp_path / "sigma")
+    key = SigmaKey(model_fingerprint(model), source.dataset.identity(), 24, 0, False)
+
+    first, info = compute_sigmas(model, [a, b], source, cache=cache, progress=False)
+    assert captured == [[a, b]] and info["computed_layers"] == [a, b] and not info["cached"]
+    # One more layer: the two cached ones are loaded, only the new one is captured (and counted).
+    second, info = compute_sigmas(model, [a, b, c], source, cache=cache, progress=False)
+    assert captured == [[a, b], [c]]
+    assert info["cached_layers"] == [a, b] and info["computed_layers"] == [c] and list(info["patches"]) == [c]
+    assert list(second) == [a, b, c]
+    for name in (a, b, c):
+        assert torch.equal(second[name], fresh[name]), name
+    # The whole-set key resolves to the per-layer entries (sweep trials read it); a rerun captures nothing.
+    assert info["key"] == key.for_layers([a, b, c])
+    assert list(cache.load(info["key"], [c, a])) == [c, a]
+    third, info = compute_sigmas(model, [c, a, b], source, cache=cache, progress=False)
+    assert len(captured) == 2 and info["cached"] and list(third) == [c, a, b]
+
+    # A corrupt per-layer entry is detected, recomputed alone and rewritten.
+    _flip_byte(tmp_path / "sigma" / f"{key.for_layers([b])}.safetensors", -100)
+    with pytest.warns(UserWarning, match="corrupt"):
+        fourth, info = compute_sigmas(model, [a, b, c], source, cache=cache, progress=False)
+    assert captured[2:] == [[b]] and info["computed_layers"] == [b]
+    assert all(torch.equal(fourth[name], fresh[name]) for name in (a, b, c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_sigmas(model, [a, b, c], source, cache=cache, progress=False)
+    assert len(captured) == 3
+    # A per-layer entry removed behind the index's back: only that layer is captured again.
+    for path in (tmp_path / "sigma").glob(f"{key.for_layers([c])}.*"):
+        path.unlink()
+    with pytest.warns(UserWarning, match="missing entry for layer classifier.1"):
+        fifth, info = compute_sigmas(model, [a, b, c], source, cache=cache, progress=False)
+    assert captured[3:] == [[c]] and torch.equal(fifth[c], fresh[c])
+
+
+def test_whole_set_sigma_entries_of_older_runs_are_used(tmp_path, vgg_weights, monkeypatch):
+    from pipeline import compress
+
+    model = build_model("vgg-fmnist", weights=vgg_weights).eval()
+    source = SigmaSource(DatasetSpec("fashion-mnist"), n_samples=12, batch_size=12)
+    layers = ["features.4", "features.11"]
+    want, _ = compute_sigmas(model, layers, source, progress=False)
+    cache = SigmaCache(tmp_path)
+    key = SigmaKey(model_fingerprint(model), source.dataset.identity(), 12, 0, False).for_layers(layers)
+    cache.save(key, want, {"note": "what compute_sigmas wrote before the per-layer cache"})
+    monkeypatch.setattr(compress, "accumulate_sigma", lambda *a, **k: pytest.fail("Sigma recomputed"))
+    got, info = compute_sigmas(model, layers[::-1], source, cache=cache, progress=False)
+    assert info["cached"] and info["key"] == key and list(got) == layers[::-1]
+    assert all(torch.equal(got[name], want[name]) for name in layers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.json", f"{key}.safetensors"]  # left as it was
+
+
+def test_explicit_cp_rank_and_svd_rank_points(tmp_path, vgg_weights):
+    """Explicit ranks outside the alpha rule: a CP rank for every conv, an SVD rank for the linear layers."""
+    cp = run_compress(_config(tmp_path, vgg_weights, methods=("cp-als", "cp-als-sigma"), cp_rank=6, alphas=(),
+                              layers=("features.4",), save_models=False, track=False))
+    for point in cp["points"]:
+        assert point["slug"].startswith(f"{point['method']}-cprank6-")
+        assert [layer["ranks"] for layer in point["layers"]] == [[6]]
+    svd = run_compress(_config(tmp_path, vgg_weights, methods=("svd-sigma",), svd_rank=4, alphas=(),
+                               save_models=False, track=False))
+    (point,) = svd["points"]
+    assert point["slug"].startswith("svd-sigma-svdrank4-")
+    assert all(layer["ranks"] == [4] for layer in point["layers"]) and point["compression_rate"] > 1
+
+
+def test_cp_rank_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="not CP methods"):
+        _config(tmp_path, None, methods=("tucker2-als",), cp_rank=4)
+    with pytest.raises(ValueError, match="only one of"):
+        _config(tmp_path, None, methods=("cp-als",), cp_rank=4, fraction=0.5)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        _config(tmp_path, None, methods=("cp-als",), cp_rank=0)

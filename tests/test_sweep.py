@@ -47,8 +47,17 @@ DIGITS = SweepSource(DatasetSpec("digits"))
 @pytest.fixture(autouse=True)
 def _no_ambient_tracking_uri(monkeypatch):
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the sweep (rightly) prefers over its default:
-    # without this, one test's store would leak into the next test's sweep.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # without this, one test's store would leak into the next test's sweep -- and into later test modules.
+    # setenv first, so that monkeypatch restores the variable's state before the test (unset included) even when
+    # the test itself sets it through mlflow; mlflow's own in-process URI is put back as well.
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    saved_uri = getattr(utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and hasattr(utils, "_tracking_uri"):
+        utils._tracking_uri = saved_uri
 
 
 @pytest.fixture(scope="module")
@@ -375,16 +384,17 @@ class LocalCluster:
 @pytest.fixture(scope="module")
 def ray_cluster():
     cluster = LocalCluster()
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        import ray
+    with pytest.MonkeyPatch.context() as patch:  # restored after the module, not left to later tests
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.stop()
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.stop()
 
 
 @pytest.fixture
@@ -442,7 +452,9 @@ def test_local_sweep_counts_sigmas_and_logs_every_trial(tmp_path, weights_file, 
     first_seconds = time.perf_counter() - tic
     assert result.trials_total == 15 and result.trials_run == 15 and not result.trials_failed
     assert result.sigma_computed == 4 and result.sigma_cached == 0  # once per (source, N)
-    assert len(list((tmp_path / "cache" / "sigma").glob("*.json"))) == 4
+    # Per-layer entries, plus one whole-set index per (source, N) that the trials read.
+    entries = [json.loads(path.read_text()) for path in (tmp_path / "cache" / "sigma").glob("*.json")]
+    assert sum(entry.get("kind") == "index" for entry in entries) == 4
     assert result.baseline_cached is False
 
     store = TrialStore(config.output_dir)

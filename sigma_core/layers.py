@@ -11,7 +11,7 @@ rounding), and can be rebuilt empty from its JSON-able :meth:`spec` before loadi
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Sequence, Self
 
 import torch
 from torch import nn
@@ -48,7 +48,101 @@ def _to_json(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-class Tucker2Conv(nn.Module):
+def _check_rank(rank: int) -> int:
+    if not _is_int(rank) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    return int(rank)
+
+
+def _check_result_type(result: object, result_type: type) -> None:
+    if not isinstance(result, result_type):
+        raise ValueError(f"result must be a {result_type.__name__}, got {type(result).__name__}")
+
+
+class _FactorizedLayer(nn.Module):
+    """Shared machinery of the factorized layers: argument checks, weight filling and the spec round trip.
+
+    A subclass lists its constructor arguments in ``_SPEC_FIELDS`` (signature order, without ``bias`` and the
+    allocation arguments; each is stored under the same attribute name) and names the child layer carrying
+    the original bias in ``_BIAS_LAYER``. :meth:`spec` writes exactly those arguments, so
+    :func:`module_from_spec` can pass them back to :meth:`empty`.
+    """
+
+    _SPEC_FIELDS: tuple[str, ...] = ()
+    _BIAS_LAYER: str = ""
+
+    @classmethod
+    def empty(cls, *args: Any, **kwargs: Any) -> Self:
+        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``.
+
+        Takes the constructor's arguments (including ``device`` and ``dtype``).
+        """
+        return cls(*args, **kwargs)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
+        spec: dict[str, Any] = {"type": type(self).__name__}
+        spec.update((name, _to_json(getattr(self, name))) for name in self._SPEC_FIELDS)
+        spec["bias"] = getattr(self, self._BIAS_LAYER).bias is not None
+        return spec
+
+    def _set_conv_geometry(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] | None,
+                           stride: int | tuple[int, int], padding: int | str | tuple[int, int],
+                           dilation: int | tuple[int, int], padding_mode: str) -> None:
+        """Check and store the channels and geometry of the original conv (``kernel_size=None``: fixed 1x1)."""
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        if kernel_size is not None:
+            self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding_arg(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+
+    @staticmethod
+    def _conv_kwargs(conv: nn.Conv2d) -> dict[str, Any]:
+        """Keyword arguments that carry ``conv``'s geometry, bias flag, device and dtype over to :meth:`empty`."""
+        weight = conv.weight
+        return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation,
+                "padding_mode": conv.padding_mode, "bias": conv.bias is not None, "device": weight.device,
+                "dtype": weight.dtype}
+
+    def _fill(self, source: nn.Module, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Self:
+        """Copy ``(parameter, factor)`` pairs and ``source``'s bias into this module; take ``source``'s training mode.
+
+        The factors are cast to the source weight's dtype and device: solvers typically return float64.
+        """
+        cast = {"device": source.weight.device, "dtype": source.weight.dtype}
+        with torch.no_grad():
+            for param, value in weights:
+                param.copy_(value.detach().to(**cast))
+            if source.bias is not None:
+                getattr(self, self._BIAS_LAYER).bias.copy_(source.bias.detach())
+        return self.train(source.training)
+
+
+def _check_kernel_source(layer: type, conv: nn.Module, result: Tucker2Result | CPResult, result_type: type,
+                         factorization: str) -> None:
+    """Checks shared by the layers that factorize a full (T, S, H, W) kernel (Tucker-2, CP)."""
+    name = layer.__name__
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"{name}.from_result needs an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"{name} does not apply to grouped/depthwise convs (groups={conv.groups}): its kernel "
+            f"{tuple(conv.weight.shape)} does not mix all input channels, so {factorization} is not "
+            f"defined; leave this layer out of the plan")
+    _check_result_type(result, result_type)
+    if tuple(result.kernel_shape) != tuple(conv.weight.shape):
+        raise ValueError(f"result kernel shape {tuple(result.kernel_shape)} does not match the conv weight shape "
+                         f"{tuple(conv.weight.shape)}; decompose this layer's own kernel")
+    if not conv.weight.is_floating_point():
+        raise ValueError(f"conv weight must be floating point, got {conv.weight.dtype}")
+
+
+class Tucker2Conv(_FactorizedLayer):
     """Tucker-2 factorized 2-D convolution (paper Sec. 3.2, Kim et al. 2016).
 
     ``x -> conv1x1(U_S^T) -> conv_HxW(G, original stride/padding/dilation) -> conv1x1(U_T) + bias``,
@@ -86,6 +180,10 @@ class Tucker2Conv(nn.Module):
     (it maps 0 to 0). That is why ``in_proj`` must not have a bias.
     """
 
+    _SPEC_FIELDS = ("in_channels", "out_channels", "kernel_size", "ranks", "stride", "padding", "dilation",
+                    "padding_mode")
+    _BIAS_LAYER = "out_proj"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  ranks: tuple[int, int], stride: int | tuple[int, int] = 1,
                  padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
@@ -93,31 +191,13 @@ class Tucker2Conv(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         r_t, r_s = _check_ranks(ranks, out_channels, in_channels)
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self._set_conv_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         self.ranks = (r_t, r_s)
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding_arg(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = padding_mode
         factory = {"device": device, "dtype": dtype}
         self.in_proj = nn.Conv2d(in_channels, r_s, 1, bias=False, **factory)
         self.core = nn.Conv2d(r_s, r_t, self.kernel_size, stride=self.stride, padding=self.padding,
                               dilation=self.dilation, padding_mode=padding_mode, bias=False, **factory)
         self.out_proj = nn.Conv2d(r_t, out_channels, 1, bias=bias, **factory)
-
-    @classmethod
-    def empty(cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-              ranks: tuple[int, int], stride: int | tuple[int, int] = 1,
-              padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
-              padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None) -> "Tucker2Conv":
-        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
-        return cls(in_channels, out_channels, kernel_size, ranks, stride=stride, padding=padding,
-                   dilation=dilation, padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def from_result(cls, conv: nn.Conv2d, result: Tucker2Result) -> "Tucker2Conv":
@@ -137,20 +217,12 @@ class Tucker2Conv(nn.Module):
         Tucker2Conv
             Module on the conv's device and dtype, in the conv's training mode.
         """
-        _check_tucker2_source(conv, result)
-        weight = conv.weight
+        _check_kernel_source(cls, conv, result, Tucker2Result, "a channel factorization over (T, S)")
         module = cls.empty(conv.in_channels, conv.out_channels, conv.kernel_size, result.ranks,
-                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                           padding_mode=conv.padding_mode, bias=conv.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        cast = {"device": weight.device, "dtype": weight.dtype}
-        with torch.no_grad():
-            module.in_proj.weight.copy_(result.u_s.detach().to(**cast).T[:, :, None, None])
-            module.core.weight.copy_(result.core.detach().to(**cast))
-            module.out_proj.weight.copy_(result.u_t.detach().to(**cast)[:, :, None, None])
-            if conv.bias is not None:
-                module.out_proj.bias.copy_(conv.bias.detach())
-        return module.train(conv.training)
+                           **cls._conv_kwargs(conv))
+        return module._fill(conv, [(module.in_proj.weight, result.u_s.T[:, :, None, None]),
+                                   (module.core.weight, result.core),
+                                   (module.out_proj.weight, result.u_t[:, :, None, None])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the three convs; ``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
@@ -161,21 +233,6 @@ class Tucker2Conv(nn.Module):
         u_s_t = self.in_proj.weight[:, :, 0, 0]
         u_t = self.out_proj.weight[:, :, 0, 0]
         return torch.einsum("abhw,ta,bs->tshw", self.core.weight, u_t, u_s_t)
-
-    def spec(self) -> dict[str, Any]:
-        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
-        return {
-            "type": type(self).__name__,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": _to_json(self.kernel_size),
-            "ranks": _to_json(self.ranks),
-            "stride": _to_json(self.stride),
-            "padding": _to_json(self.padding),
-            "dilation": _to_json(self.dilation),
-            "padding_mode": self.padding_mode,
-            "bias": self.out_proj.bias is not None,
-        }
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}"
@@ -192,24 +249,7 @@ def _check_ranks(ranks: tuple[int, int] | list[int], t: int, s: int) -> tuple[in
     return r_t, r_s
 
 
-def _check_tucker2_source(conv: nn.Module, result: Tucker2Result) -> None:
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"Tucker2Conv.from_result needs an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(
-            f"Tucker2Conv does not apply to grouped/depthwise convs (groups={conv.groups}): its kernel "
-            f"{tuple(conv.weight.shape)} does not mix all input channels, so a channel factorization over "
-            f"(T, S) is not defined; leave this layer out of the plan")
-    if not isinstance(result, Tucker2Result):
-        raise ValueError(f"result must be a Tucker2Result, got {type(result).__name__}")
-    if tuple(result.kernel_shape) != tuple(conv.weight.shape):
-        raise ValueError(f"result kernel shape {tuple(result.kernel_shape)} does not match the conv weight shape "
-                         f"{tuple(conv.weight.shape)}; decompose this layer's own kernel")
-    if not conv.weight.is_floating_point():
-        raise ValueError(f"conv weight must be floating point, got {conv.weight.dtype}")
-
-
-class LowRankLinear(nn.Module):
+class LowRankLinear(_FactorizedLayer):
     """Rank-``r`` factorized linear layer ``Linear(in -> r, no bias) -> Linear(r -> out, bias)`` (paper App. E).
 
     Parameters
@@ -231,24 +271,18 @@ class LowRankLinear(nn.Module):
         Weight (out, r), bias (out,).
     """
 
+    _SPEC_FIELDS = ("in_features", "out_features", "rank")
+    _BIAS_LAYER = "second"
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        rank = int(rank)
+        self.rank = _check_rank(rank)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.rank = rank
         factory = {"device": device, "dtype": dtype}
-        self.first = nn.Linear(in_features, rank, bias=False, **factory)
-        self.second = nn.Linear(rank, out_features, bias=bias, **factory)
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool = True,
-              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LowRankLinear":
-        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
-        return cls(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
+        self.first = nn.Linear(in_features, self.rank, bias=False, **factory)
+        self.second = nn.Linear(self.rank, out_features, bias=bias, **factory)
 
     @classmethod
     def from_factors(cls, linear: nn.Linear, first_weight: torch.Tensor,
@@ -264,16 +298,9 @@ class LowRankLinear(nn.Module):
             Cast to the linear weight's dtype and device.
         """
         _check_linear_factors(linear, first_weight, second_weight)
-        weight = linear.weight
         module = cls.empty(linear.in_features, linear.out_features, first_weight.shape[0],
-                           bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        cast = {"device": weight.device, "dtype": weight.dtype}
-        with torch.no_grad():
-            module.first.weight.copy_(first_weight.detach().to(**cast))
-            module.second.weight.copy_(second_weight.detach().to(**cast))
-            if linear.bias is not None:
-                module.second.bias.copy_(linear.bias.detach())
-        return module.train(linear.training)
+                           bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+        return module._fill(linear, [(module.first.weight, first_weight), (module.second.weight, second_weight)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., in) -> (..., out)."""
@@ -282,11 +309,6 @@ class LowRankLinear(nn.Module):
     def reconstructed_weight(self) -> torch.Tensor:
         """Dense weight ``second.weight @ first.weight``, shape (out, in)."""
         return self.second.weight @ self.first.weight
-
-    def spec(self) -> dict[str, Any]:
-        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
-        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.second.bias is not None}
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}"
@@ -302,7 +324,7 @@ def _check_linear_factors(linear: nn.Module, first: torch.Tensor, second: torch.
                          f"got first {tuple(first.shape)}, second {tuple(second.shape)}")
 
 
-class LowRank1x1Conv(nn.Module):
+class LowRank1x1Conv(_FactorizedLayer):
     """Rank-``r`` factorized 1x1 convolution: two 1x1 convs ``S -> r -> T`` (paper App. E applied per pixel).
 
     A 1x1 conv is the linear map ``W`` (T, S) applied to the channel vector at every output position, so its
@@ -334,35 +356,21 @@ class LowRank1x1Conv(nn.Module):
     (zeros) or to the image of copied pixels (reflect/replicate/circular), as in the dense conv.
     """
 
+    _SPEC_FIELDS = ("in_channels", "out_channels", "rank", "stride", "padding", "dilation", "padding_mode")
+    _BIAS_LAYER = "second"
+
     def __init__(self, in_channels: int, out_channels: int, rank: int, stride: int | tuple[int, int] = 1,
                  padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
                  padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.rank = int(rank)
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding_arg(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = padding_mode
+        rank = _check_rank(rank)
+        self._set_conv_geometry(in_channels, out_channels, None, stride, padding, dilation, padding_mode)
+        self.rank = rank
         factory = {"device": device, "dtype": dtype}
         self.first = nn.Conv2d(in_channels, self.rank, 1, stride=self.stride, padding=self.padding,
                                dilation=self.dilation, padding_mode=padding_mode, bias=False, **factory)
         self.second = nn.Conv2d(self.rank, out_channels, 1, bias=bias, **factory)
-
-    @classmethod
-    def empty(cls, in_channels: int, out_channels: int, rank: int, stride: int | tuple[int, int] = 1,
-              padding: int | str | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
-              padding_mode: str = "zeros", bias: bool = True, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None) -> "LowRank1x1Conv":
-        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
-        return cls(in_channels, out_channels, rank, stride=stride, padding=padding, dilation=dilation,
-                   padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def from_result(cls, conv: nn.Conv2d, result: LowRankResult) -> "LowRank1x1Conv":
@@ -382,17 +390,9 @@ class LowRank1x1Conv(nn.Module):
             ``conv`` is not a 1x1 ``nn.Conv2d`` with ``groups == 1`` or the factors do not fit its weight.
         """
         _check_1x1_source(conv, result)
-        weight = conv.weight
-        module = cls.empty(conv.in_channels, conv.out_channels, result.rank, stride=conv.stride,
-                           padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode,
-                           bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
-        cast = {"device": weight.device, "dtype": weight.dtype}
-        with torch.no_grad():
-            module.first.weight.copy_(result.first.detach().to(**cast)[:, :, None, None])
-            module.second.weight.copy_(result.second.detach().to(**cast)[:, :, None, None])
-            if conv.bias is not None:
-                module.second.bias.copy_(conv.bias.detach())
-        return module.train(conv.training)
+        module = cls.empty(conv.in_channels, conv.out_channels, result.rank, **cls._conv_kwargs(conv))
+        return module._fill(conv, [(module.first.weight, result.first[:, :, None, None]),
+                                   (module.second.weight, result.second[:, :, None, None])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
@@ -401,20 +401,6 @@ class LowRank1x1Conv(nn.Module):
     def reconstructed_kernel(self) -> torch.Tensor:
         """Dense kernel ``second @ first``, shape (T, S, 1, 1)."""
         return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
-
-    def spec(self) -> dict[str, Any]:
-        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
-        return {
-            "type": type(self).__name__,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "rank": self.rank,
-            "stride": _to_json(self.stride),
-            "padding": _to_json(self.padding),
-            "dilation": _to_json(self.dilation),
-            "padding_mode": self.padding_mode,
-            "bias": self.second.bias is not None,
-        }
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, rank={self.rank}, stride={self.stride}"
@@ -429,15 +415,14 @@ def _check_1x1_source(conv: nn.Module, result: LowRankResult) -> None:
         raise ValueError(f"LowRank1x1Conv does not apply to grouped 1x1 convs (groups={conv.groups}): the weight "
                          f"{tuple(conv.weight.shape)} is block-diagonal over channels, not one (T, S) matrix; "
                          "leave this layer out of the plan")
-    if not isinstance(result, LowRankResult):
-        raise ValueError(f"result must be a LowRankResult, got {type(result).__name__}")
+    _check_result_type(result, LowRankResult)
     t, s = conv.out_channels, conv.in_channels
     if tuple(result.first.shape) != (result.rank, s) or tuple(result.second.shape) != (t, result.rank):
         raise ValueError(f"factors first {tuple(result.first.shape)} / second {tuple(result.second.shape)} do not "
                          f"fit the conv weight {tuple(conv.weight.shape)}; decompose this layer's own weight")
 
 
-class CPConv(nn.Module):
+class CPConv(_FactorizedLayer):
     """Rank-R CP factorized 2-D convolution (Lebedev et al. 2015; paper Sec. 3.1).
 
     ``x -> conv1x1(U_S^T) -> depthwise Hx1 (U_H) -> depthwise 1xW (U_W) -> conv1x1(U_T) + bias``, which equals the
@@ -445,19 +430,13 @@ class CPConv(nn.Module):
 
     Parameters
     ----------
-    in_channels, out_channels : int
-        ``S`` and ``T`` of the original conv.
-    kernel_size : int or tuple of int
-        ``(H, W)``.
+    in_channels, out_channels, kernel_size, bias, device, dtype
+        As for :class:`Tucker2Conv`.
     rank : int
         ``R >= 1``.
     stride, padding, dilation, padding_mode
         As in :class:`torch.nn.Conv2d`; the height components go to ``depth_h``, the width components to
         ``depth_w``.
-    bias : bool
-        Whether the last 1x1 conv carries the original bias.
-    device, dtype : optional
-        Where and how the (uninitialized) weights are allocated.
 
     Attributes
     ----------
@@ -484,24 +463,18 @@ class CPConv(nn.Module):
     dilations, asymmetric padding and ``padding="same"``.
     """
 
+    _SPEC_FIELDS = ("in_channels", "out_channels", "kernel_size", "rank", "stride", "padding", "dilation",
+                    "padding_mode")
+    _BIAS_LAYER = "out_proj"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
                  stride: int | tuple[int, int] = 1, padding: int | str | tuple[int, int] = 0,
                  dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros", bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        rank = int(rank)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        rank = _check_rank(rank)
+        self._set_conv_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         self.rank = rank
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding_arg(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = padding_mode
         (k_h, k_w), (s_h, s_w), (d_h, d_w) = self.kernel_size, self.stride, self.dilation
         pad_h, pad_w = (self.padding, self.padding) if isinstance(self.padding, str) else \
             ((self.padding[0], 0), (0, self.padding[1]))
@@ -514,47 +487,19 @@ class CPConv(nn.Module):
         self.out_proj = nn.Conv2d(rank, out_channels, 1, bias=bias, **factory)
 
     @classmethod
-    def empty(cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
-              stride: int | tuple[int, int] = 1, padding: int | str | tuple[int, int] = 0,
-              dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros", bias: bool = True,
-              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CPConv":
-        """Module with the given structure and arbitrary weights, to be filled by ``load_state_dict``."""
-        return cls(in_channels, out_channels, kernel_size, rank, stride=stride, padding=padding,
-                   dilation=dilation, padding_mode=padding_mode, bias=bias, device=device, dtype=dtype)
-
-    @classmethod
     def from_result(cls, conv: nn.Conv2d, result: CPResult) -> "CPConv":
         """Build the factorized replacement of ``conv`` from a CP result.
 
-        Parameters
-        ----------
-        conv : nn.Conv2d
-            The original conv, ``groups == 1``, weight (T, S, H, W). Its stride, padding, dilation, padding
-            mode and bias are carried over.
-        result : CPResult
-            Factors with ``result.kernel_shape == conv.weight.shape``, cast to the conv weight's dtype and
-            device (solvers typically return float64).
-
-        Returns
-        -------
-        CPConv
-            Module on the conv's device and dtype, in the conv's training mode.
+        ``conv`` and the returned module are as for :meth:`Tucker2Conv.from_result`; ``result`` is a
+        :class:`CPResult` with ``result.kernel_shape == conv.weight.shape``.
         """
-        _check_cp_source(conv, result)
-        weight = conv.weight
+        _check_kernel_source(cls, conv, result, CPResult, "a CP over (T, S, H, W)")
         module = cls.empty(conv.in_channels, conv.out_channels, conv.kernel_size, result.rank,
-                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                           padding_mode=conv.padding_mode, bias=conv.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        cast = {"device": weight.device, "dtype": weight.dtype}
-        with torch.no_grad():
-            module.in_proj.weight.copy_(result.u_s.detach().to(**cast).T[:, :, None, None])
-            module.depth_h.weight.copy_(result.u_h.detach().to(**cast).T[:, None, :, None])
-            module.depth_w.weight.copy_(result.u_w.detach().to(**cast).T[:, None, None, :])
-            module.out_proj.weight.copy_(result.u_t.detach().to(**cast)[:, :, None, None])
-            if conv.bias is not None:
-                module.out_proj.bias.copy_(conv.bias.detach())
-        return module.train(conv.training)
+                           **cls._conv_kwargs(conv))
+        return module._fill(conv, [(module.in_proj.weight, result.u_s.T[:, :, None, None]),
+                                   (module.depth_h.weight, result.u_h.T[:, None, :, None]),
+                                   (module.depth_w.weight, result.u_w.T[:, None, None, :]),
+                                   (module.out_proj.weight, result.u_t[:, :, None, None])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the four convs; ``x`` (B, S, H_in, W_in) -> (B, T, H_out, W_out)."""
@@ -565,45 +510,12 @@ class CPConv(nn.Module):
         return torch.einsum("tr,rs,rh,rw->tshw", self.out_proj.weight[:, :, 0, 0], self.in_proj.weight[:, :, 0, 0],
                             self.depth_h.weight[:, 0, :, 0], self.depth_w.weight[:, 0, 0, :])
 
-    def spec(self) -> dict[str, Any]:
-        """JSON-able constructor arguments plus ``"type"``; see :func:`module_from_spec`."""
-        return {
-            "type": type(self).__name__,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": _to_json(self.kernel_size),
-            "rank": self.rank,
-            "stride": _to_json(self.stride),
-            "padding": _to_json(self.padding),
-            "dilation": _to_json(self.dilation),
-            "padding_mode": self.padding_mode,
-            "bias": self.out_proj.bias is not None,
-        }
-
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}"
 
 
-def _check_cp_source(conv: nn.Module, result: CPResult) -> None:
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"CPConv.from_result needs an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(
-            f"CPConv does not apply to grouped/depthwise convs (groups={conv.groups}): its kernel "
-            f"{tuple(conv.weight.shape)} does not mix all input channels, so a CP over (T, S, H, W) is not "
-            f"defined; leave this layer out of the plan")
-    if not isinstance(result, CPResult):
-        raise ValueError(f"result must be a CPResult, got {type(result).__name__}")
-    if tuple(result.kernel_shape) != tuple(conv.weight.shape):
-        raise ValueError(f"result kernel shape {tuple(result.kernel_shape)} does not match the conv weight shape "
-                         f"{tuple(conv.weight.shape)}; decompose this layer's own kernel")
-    if not conv.weight.is_floating_point():
-        raise ValueError(f"conv weight must be floating point, got {conv.weight.dtype}")
-
-
-def _spec_types() -> dict[str, type[nn.Module]]:
-    return {"Tucker2Conv": Tucker2Conv, "LowRankLinear": LowRankLinear, "LowRank1x1Conv": LowRank1x1Conv,
-            "CPConv": CPConv}
+def _spec_types() -> dict[str, type[_FactorizedLayer]]:
+    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv)}
 
 
 def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = None,
@@ -613,7 +525,7 @@ def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = N
     Parameters
     ----------
     spec : dict
-        Output of ``Tucker2Conv.spec()`` or ``LowRankLinear.spec()`` (possibly after a JSON round trip).
+        Output of the ``spec()`` of any layer of this module (possibly after a JSON round trip).
     device, dtype : optional
         Allocation of the weights; use the dtype of the state dict you will load.
 
@@ -630,6 +542,6 @@ def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = N
         raise ValueError(f"unknown layer type {kind!r} in spec; known types: {sorted(types)}")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "type"}
     try:
-        return types[kind].empty(**args, device=device, dtype=dtype)  # type: ignore[attr-defined]
+        return types[kind].empty(**args, device=device, dtype=dtype)
     except TypeError as exc:
         raise ValueError(f"spec arguments {sorted(args)} do not fit {kind}.empty: {exc}") from exc

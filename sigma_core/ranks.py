@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -236,6 +236,18 @@ def _as_kernel(kernel: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
+def _check_kernel_shape(kernel_shape: Sequence[int], name: str = "kernel_shape") -> tuple[int, int, int, int]:
+    dims = tuple(kernel_shape)
+    if len(dims) != 4 or not all(_is_int(d) and d >= 1 for d in dims):
+        raise ValueError(f"{name} must be 4 positive ints (T, S, H, W), got {kernel_shape!r}")
+    return tuple(int(d) for d in dims)  # type: ignore[return-value]
+
+
+def _unfolding_rank(arr: np.ndarray, mode: int) -> int:
+    """EVBMF rank of the mode-``mode`` unfolding (``dim_mode x rest``) of a (T, S, H, W) kernel ``arr``."""
+    return evbmf(np.moveaxis(arr, mode, 0).reshape(arr.shape[mode], -1)).rank
+
+
 def tucker2_vbmf_ranks(kernel: torch.Tensor | np.ndarray) -> tuple[int, int]:
     """EVBMF ranks of the two channel unfoldings of a conv kernel.
 
@@ -251,10 +263,7 @@ def tucker2_vbmf_ranks(kernel: torch.Tensor | np.ndarray) -> tuple[int, int]:
         (paper Sec. 3.2). Either may be 0 when the unfolding looks like pure noise.
     """
     arr = _as_kernel(kernel)
-    t, s = arr.shape[:2]
-    r_t = evbmf(arr.reshape(t, -1)).rank
-    r_s = evbmf(arr.transpose(1, 0, 2, 3).reshape(s, -1)).rank
-    return r_t, r_s
+    return _unfolding_rank(arr, 0), _unfolding_rank(arr, 1)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -270,6 +279,34 @@ def _is_int(value: object) -> bool:
 
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
+
+
+def _clamp_rank(value: float, r_max: int) -> int:
+    """``value`` rounded (halves up) into ``[1, r_max]``: a rank-0 factor would remove the layer."""
+    return min(max(_round_half_up(value), 1), int(r_max))
+
+
+def _positive_int(value: object, label: str) -> int:
+    """``value`` as a plain int >= 1 (numpy ints accepted, bools rejected)."""
+    rank = int(value) if isinstance(value, np.integer) else value
+    if not _is_int(rank) or rank < 1:  # type: ignore[operator]
+        raise ValueError(f"{label} must be an int >= 1, got {rank!r}")
+    return int(rank)  # type: ignore[arg-type]
+
+
+def _alpha_rule(alpha: float, r_max: int, vbmf_rank: Callable[[], int]) -> int:
+    """Eq. 2 for one rank with bound ``r_max``; ``vbmf_rank`` (SVDs) runs only when alpha > 0.
+
+    The VBMF rank is capped at ``r_max``, the range :func:`alpha_rank` accepts.
+    """
+    if alpha == 0.0:
+        return r_max  # Eq. 2 gives R_max whatever VBMF says; skip the SVDs
+    return alpha_rank(min(vbmf_rank(), r_max), r_max, alpha)
+
+
+def _fraction_rank(fraction: float, r_max: int) -> int:
+    """``round(fraction * r_max)`` (halves up) in ``[1, r_max]``, ``fraction`` checked to lie in ``(0, 1]``."""
+    return _clamp_rank(_check_fraction(fraction) * r_max, r_max)
 
 
 def alpha_rank(r_vbmf: int, r_max: int, alpha: float) -> int:
@@ -294,15 +331,12 @@ def alpha_rank(r_vbmf: int, r_max: int, alpha: float) -> int:
         raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
     if not _is_int(r_vbmf) or not 0 <= r_vbmf <= r_max:
         raise ValueError(f"r_vbmf must be an int in [0, r_max={r_max}], got {r_vbmf!r}")
-    rank = _round_half_up(r_vbmf + (1.0 - alpha) * (r_max - r_vbmf))
-    return min(max(rank, 1), int(r_max))
+    return _clamp_rank(r_vbmf + (1.0 - alpha) * (r_max - r_vbmf), r_max)
 
 
 def cp_max_rank(shape: Sequence[int]) -> int:
     """CP rank bound ``R_max = T S H W / max(T, S, H, W)`` (paper Sec. 3.1), for a (T, S, H, W) kernel shape."""
-    dims = tuple(shape)
-    if len(dims) != 4 or not all(_is_int(d) and d >= 1 for d in dims):
-        raise ValueError(f"shape must be 4 positive ints (T, S, H, W), got {shape!r}")
+    dims = _check_kernel_shape(shape, "shape")
     return math.prod(dims) // max(dims)
 
 
@@ -324,18 +358,8 @@ def tucker2_ranks_alpha(kernel: torch.Tensor | np.ndarray, alpha: float) -> tupl
     alpha = _check_alpha(alpha)
     arr = _as_kernel(kernel)
     t, s = arr.shape[:2]
-    if alpha == 0.0:
-        # Eq. 2 gives the full rank whatever VBMF says; skip the SVDs.
-        return t, s
-    r_t, r_s = tucker2_vbmf_ranks(arr)
-    return alpha_rank(r_t, t, alpha), alpha_rank(r_s, s, alpha)
-
-
-def _check_kernel_shape(kernel_shape: Sequence[int]) -> tuple[int, int, int, int]:
-    dims = tuple(kernel_shape)
-    if len(dims) != 4 or not all(_is_int(d) and d >= 1 for d in dims):
-        raise ValueError(f"kernel_shape must be 4 positive ints (T, S, H, W), got {kernel_shape!r}")
-    return tuple(int(d) for d in dims)  # type: ignore[return-value]
+    r_t = _alpha_rule(alpha, t, lambda: _unfolding_rank(arr, 0))
+    return r_t, _alpha_rule(alpha, s, lambda: _unfolding_rank(arr, 1))
 
 
 def _check_fraction(fraction: float) -> float:
@@ -360,8 +384,7 @@ def ranks_from_fraction(kernel_shape: Sequence[int], fraction: float) -> tuple[i
         ``(round(fraction T), round(fraction S))`` (halves round up), each at least 1.
     """
     t, s, _, _ = _check_kernel_shape(kernel_shape)
-    fraction = _check_fraction(fraction)
-    return (min(max(_round_half_up(fraction * t), 1), t), min(max(_round_half_up(fraction * s), 1), s))
+    return _fraction_rank(fraction, t), _fraction_rank(fraction, s)
 
 
 def validate_tucker2_ranks(kernel_shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, int]:
@@ -420,7 +443,7 @@ def cp_vbmf_rank(kernel: torch.Tensor | np.ndarray) -> int:
     Parameters
     ----------
     kernel : torch.Tensor or numpy.ndarray, shape (T, S, H, W)
-        Conv kernel in PyTorch layout.
+        Conv kernel in PyTorch layout (analysed in float64).
 
     Returns
     -------
@@ -429,7 +452,7 @@ def cp_vbmf_rank(kernel: torch.Tensor | np.ndarray) -> int:
         unfoldings have at most H or W rows, so for 3x3 convs the channel modes decide.
     """
     arr = _as_kernel(kernel)
-    return max(evbmf(np.moveaxis(arr, mode, 0).reshape(arr.shape[mode], -1)).rank for mode in range(4))
+    return max(_unfolding_rank(arr, mode) for mode in range(4))
 
 
 def cp_rank_alpha(kernel: torch.Tensor | np.ndarray, alpha: float) -> int:
@@ -449,10 +472,7 @@ def cp_rank_alpha(kernel: torch.Tensor | np.ndarray, alpha: float) -> int:
     """
     alpha = _check_alpha(alpha)
     arr = _as_kernel(kernel)
-    r_max = cp_max_rank(arr.shape)
-    if alpha == 0.0:
-        return r_max  # Eq. 2 gives R_max whatever VBMF says; skip the SVDs
-    return alpha_rank(min(cp_vbmf_rank(arr), r_max), r_max, alpha)
+    return _alpha_rule(alpha, cp_max_rank(arr.shape), lambda: cp_vbmf_rank(arr))
 
 
 def cp_rank_from_fraction(kernel_shape: Sequence[int], fraction: float) -> int:
@@ -470,10 +490,7 @@ def cp_rank_from_fraction(kernel_shape: Sequence[int], fraction: float) -> int:
     int
         ``round(fraction R_max)`` (halves round up), clamped to ``[1, R_max]``.
     """
-    shape = _check_kernel_shape(kernel_shape)
-    fraction = _check_fraction(fraction)
-    r_max = cp_max_rank(shape)
-    return min(max(_round_half_up(fraction * r_max), 1), r_max)
+    return _fraction_rank(fraction, cp_max_rank(_check_kernel_shape(kernel_shape)))
 
 
 def validate_cp_rank(kernel_shape: Sequence[int], rank: int) -> int:
@@ -532,14 +549,11 @@ def _check_matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 def validate_svd_rank(shape: Sequence[int], rank: int) -> int:
     """Check an SVD rank against a weight shape (out, in) or (T, S, 1, 1): ``1 <= rank <= min(out, in)``."""
     out_f, in_f = _check_matrix_shape(shape)
-    if isinstance(rank, np.integer):
-        rank = int(rank)
-    if not _is_int(rank) or rank < 1:
-        raise ValueError(f"SVD rank must be an int >= 1, got {rank!r}")
+    rank = _positive_int(rank, "SVD rank")
     if rank > min(out_f, in_f):
         raise ValueError(f"SVD rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of the weight {tuple(shape)}; "
                          f"use a rank <= {min(out_f, in_f)}")
-    return int(rank)
+    return rank
 
 
 def svd_rank_alpha(weight: torch.Tensor | np.ndarray, alpha: float) -> int:
@@ -558,24 +572,28 @@ def svd_rank_alpha(weight: torch.Tensor | np.ndarray, alpha: float) -> int:
     """
     alpha = _check_alpha(alpha)
     out_f, in_f = _check_matrix_shape(tuple(weight.shape))
-    r_max = min(out_f, in_f)
-    if alpha == 0.0:
-        return r_max
-    mat = weight.reshape(out_f, in_f)
-    return alpha_rank(min(evbmf(mat).rank, r_max), r_max, alpha)
+    return _alpha_rule(alpha, min(out_f, in_f), lambda: evbmf(weight.reshape(out_f, in_f)).rank)
 
 
 def svd_rank_from_fraction(shape: Sequence[int], fraction: float) -> int:
     """SVD rank ``round(fraction * min(out, in))`` (halves round up), clamped to ``[1, min(out, in)]``."""
     out_f, in_f = _check_matrix_shape(shape)
-    fraction = _check_fraction(fraction)
-    r_max = min(out_f, in_f)
-    return min(max(_round_half_up(fraction * r_max), 1), r_max)
+    return _fraction_rank(fraction, min(out_f, in_f))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rank rule
 # ----------------------------------------------------------------------------------------------------------
+
+
+# What each fixed-rank field of a RankRule holds, and what a method of that field's family accepts, for the error
+# raised when a method of one family is handed a fixed rank of another.
+_FIXED_RANK_KIND = {"ranks": "holds Tucker-2 ranks (R_T, R_S)", "cp_rank": "is a CP rank", "svd_rank": "is an SVD rank"}
+_FAMILY_NEEDS = {
+    "ranks": "a Tucker-2 method needs RankRule(ranks=(R_T, R_S)), alpha or fraction",
+    "cp_rank": "a CP method needs RankRule(cp_rank=R), alpha or fraction",
+    "svd_rank": "an SVD method needs RankRule(svd_rank=r), alpha or fraction",
+}
 
 
 @dataclass(frozen=True)
@@ -625,50 +643,25 @@ class RankRule:
             object.__setattr__(self, "ranks", _check_rank_pair(self.ranks))
         if self.fraction is not None:
             object.__setattr__(self, "fraction", _check_fraction(self.fraction))
-        if self.cp_rank is not None:
-            rank = int(self.cp_rank) if isinstance(self.cp_rank, np.integer) else self.cp_rank
-            if not _is_int(rank) or rank < 1:
-                raise ValueError(f"cp_rank must be an int >= 1, got {self.cp_rank!r}")
-            object.__setattr__(self, "cp_rank", int(rank))
-        if self.svd_rank is not None:
-            rank = int(self.svd_rank) if isinstance(self.svd_rank, np.integer) else self.svd_rank
-            if not _is_int(rank) or rank < 1:
-                raise ValueError(f"svd_rank must be an int >= 1, got {self.svd_rank!r}")
-            object.__setattr__(self, "svd_rank", int(rank))
+        for name in ("cp_rank", "svd_rank"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _positive_int(getattr(self, name), name))
 
     def resolve(self, kernel: torch.Tensor | np.ndarray) -> tuple[int, int]:
-        """Tucker-2 ranks ``(R_T, R_S)`` for a conv kernel of shape (T, S, H, W)."""
-        if self.cp_rank is not None:
-            raise ValueError(f"RankRule(cp_rank={self.cp_rank}) is a CP rank; a Tucker-2 method needs "
-                             f"RankRule(ranks=(R_T, R_S)), alpha or fraction")
-        if self.svd_rank is not None:
-            raise ValueError(f"RankRule(svd_rank={self.svd_rank}) is an SVD rank; a Tucker-2 method needs "
-                             f"RankRule(ranks=(R_T, R_S)), alpha or fraction")
-        if self.alpha is not None:
-            return tucker2_ranks_alpha(kernel, self.alpha)
-        shape = tuple(kernel.shape)
-        if self.ranks is not None:
-            return validate_tucker2_ranks(shape, self.ranks)
-        return ranks_from_fraction(shape, self.fraction)  # type: ignore[arg-type]
+        """Tucker-2 ranks ``(R_T, R_S)`` for a conv kernel of shape (T, S, H, W).
+
+        ``alpha``: :func:`tucker2_ranks_alpha`; ``ranks``: checked by :func:`validate_tucker2_ranks`; ``fraction``:
+        :func:`ranks_from_fraction`. ``cp_rank`` and ``svd_rank`` raise ``ValueError``.
+        """
+        return self._resolve(kernel, "ranks", tucker2_ranks_alpha, validate_tucker2_ranks, ranks_from_fraction)
 
     def resolve_cp(self, kernel: torch.Tensor | np.ndarray) -> int:
         """CP rank ``R`` for a conv kernel of shape (T, S, H, W).
 
         ``alpha``: :func:`cp_rank_alpha`; ``cp_rank``: checked by :func:`validate_cp_rank`; ``fraction``:
-        :func:`cp_rank_from_fraction`. A Tucker-2 ``ranks`` pair raises ``ValueError``.
+        :func:`cp_rank_from_fraction`. Tucker-2 ``ranks`` and ``svd_rank`` raise ``ValueError``.
         """
-        if self.ranks is not None:
-            raise ValueError(f"RankRule(ranks={self.ranks}) holds Tucker-2 ranks (R_T, R_S); a CP method needs "
-                             f"RankRule(cp_rank=R), alpha or fraction")
-        if self.svd_rank is not None:
-            raise ValueError(f"RankRule(svd_rank={self.svd_rank}) is an SVD rank; a CP method needs "
-                             f"RankRule(cp_rank=R), alpha or fraction")
-        if self.alpha is not None:
-            return cp_rank_alpha(kernel, self.alpha)
-        shape = tuple(kernel.shape)
-        if self.cp_rank is not None:
-            return validate_cp_rank(shape, self.cp_rank)
-        return cp_rank_from_fraction(shape, self.fraction)  # type: ignore[arg-type]
+        return self._resolve(kernel, "cp_rank", cp_rank_alpha, validate_cp_rank, cp_rank_from_fraction)
 
     def resolve_svd(self, weight: torch.Tensor | np.ndarray) -> int:
         """SVD rank ``r`` of a linear weight (out, in) or 1x1 conv kernel (T, S, 1, 1) (paper App. E).
@@ -677,15 +670,29 @@ class RankRule:
         :func:`validate_svd_rank`; ``fraction``: :func:`svd_rank_from_fraction`. Tucker-2 ``ranks`` and
         ``cp_rank`` raise ``ValueError``.
         """
-        if self.ranks is not None or self.cp_rank is not None:
-            given = f"ranks={self.ranks}" if self.ranks is not None else f"cp_rank={self.cp_rank}"
-            raise ValueError(f"RankRule({given}) is not an SVD rank; an SVD method needs RankRule(svd_rank=r), "
-                             f"alpha or fraction")
+        return self._resolve(weight, "svd_rank", svd_rank_alpha, validate_svd_rank, svd_rank_from_fraction)
+
+    def _resolve(self, tensor: torch.Tensor | np.ndarray, family: str, by_alpha: Callable, validate: Callable,
+                 by_fraction: Callable) -> Any:
+        """Dispatch on the set field for the rank family whose fixed-rank field is ``family``.
+
+        ``by_alpha(tensor, alpha)``, ``validate(shape, fixed)`` and ``by_fraction(shape, fraction)`` are that
+        family's rank functions; a fixed rank of another family raises ``ValueError``.
+        """
+        self._reject_other_families(family)
         if self.alpha is not None:
-            return svd_rank_alpha(weight, self.alpha)
-        if self.svd_rank is not None:
-            return validate_svd_rank(tuple(weight.shape), self.svd_rank)
-        return svd_rank_from_fraction(tuple(weight.shape), self.fraction)  # type: ignore[arg-type]
+            return by_alpha(tensor, self.alpha)
+        shape = tuple(tensor.shape)
+        fixed = getattr(self, family)
+        return by_fraction(shape, self.fraction) if fixed is None else validate(shape, fixed)
+
+    def _reject_other_families(self, family: str) -> None:
+        for field, held in _FIXED_RANK_KIND.items():
+            value = getattr(self, field)
+            if field != family and value is not None:
+                # SVD methods have always named every foreign fixed rank alike; callers match on that wording.
+                what = "is not an SVD rank" if family == "svd_rank" else held
+                raise ValueError(f"RankRule({field}={value}) {what}; {_FAMILY_NEEDS[family]}")
 
     def describe(self) -> str:
         """One-line human-readable description, e.g. ``"alpha=0.5 (VBMF rule, Eq. 2)"``."""

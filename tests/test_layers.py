@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_core.decompose._result import Tucker2Result
-from sigma_core.layers import LowRankLinear, Tucker2Conv, module_from_spec
+from sigma_core.layers import CPConv, LowRank1x1Conv, LowRankLinear, Tucker2Conv, module_from_spec
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +31,16 @@ def _random_result(t: int, s: int, kh: int, kw: int, ranks: tuple[int, int], see
     core = torch.randn(r_t, r_s, kh, kw, generator=gen, dtype=dtype)
     return Tucker2Result(core=core, u_t=u_t, u_s=u_s, ranks=ranks, errors=(0.0,), converged=True,
                          method="test")
+
+
+def _assert_spec_round_trip(layer: nn.Module, x: torch.Tensor) -> dict:
+    """Rebuild ``layer`` from its JSON'd spec, load its state dict strictly and check it is the same layer."""
+    spec = json.loads(json.dumps(layer.spec()))
+    rebuilt = module_from_spec(spec)
+    rebuilt.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(rebuilt(x), layer(x), atol=0, rtol=0)
+    assert rebuilt.spec() == layer.spec()
+    return spec
 
 
 def _dense_conv(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -114,13 +124,38 @@ def test_empty_rejects_bad_ranks():
 def test_tucker2conv_spec_round_trip(padding):
     conv = nn.Conv2d(5, 7, (5, 3), stride=1, padding=padding, dilation=(1, 2), padding_mode="circular")
     layer = Tucker2Conv.from_result(conv, _random_result(7, 5, 5, 3, (4, 3)))
-    spec = json.loads(json.dumps(layer.spec()))
-    assert spec["type"] == "Tucker2Conv"
-    rebuilt = module_from_spec(spec)
-    rebuilt.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 5, 11, 10)
-    torch.testing.assert_close(rebuilt(x), layer(x), atol=0, rtol=0)
-    assert rebuilt.spec() == layer.spec()
+    assert _assert_spec_round_trip(layer, torch.randn(2, 5, 11, 10))["type"] == "Tucker2Conv"
+
+
+# Saved compressed models (pipeline.compress.save_compressed) hold these spec dicts and state-dict keys: a change to
+# either breaks loading the models already written.
+_SAVED_FORMATS = [
+    (lambda: Tucker2Conv.empty(5, 7, (5, 3), (4, 3), padding="same", dilation=(1, 2), padding_mode="circular"),
+     {"type": "Tucker2Conv", "in_channels": 5, "out_channels": 7, "kernel_size": [5, 3], "ranks": [4, 3],
+      "stride": [1, 1], "padding": "same", "dilation": [1, 2], "padding_mode": "circular", "bias": True},
+     ["in_proj.weight", "core.weight", "out_proj.weight", "out_proj.bias"]),
+    (lambda: CPConv.empty(5, 7, 3, 6, stride=2, padding=(2, 1), bias=False),
+     {"type": "CPConv", "in_channels": 5, "out_channels": 7, "kernel_size": [3, 3], "rank": 6, "stride": [2, 2],
+      "padding": [2, 1], "dilation": [1, 1], "padding_mode": "zeros", "bias": False},
+     ["in_proj.weight", "depth_h.weight", "depth_w.weight", "out_proj.weight"]),
+    (lambda: LowRank1x1Conv.empty(5, 7, 2, stride=2, padding=1, padding_mode="reflect"),
+     {"type": "LowRank1x1Conv", "in_channels": 5, "out_channels": 7, "rank": 2, "stride": [2, 2], "padding": [1, 1],
+      "dilation": [1, 1], "padding_mode": "reflect", "bias": True},
+     ["first.weight", "second.weight", "second.bias"]),
+    (lambda: LowRankLinear.empty(10, 6, 3, bias=False),
+     {"type": "LowRankLinear", "in_features": 10, "out_features": 6, "rank": 3, "bias": False},
+     ["first.weight", "second.weight"]),
+]
+
+
+@pytest.mark.parametrize("make, spec, keys", _SAVED_FORMATS)
+def test_spec_and_state_dict_keys_of_saved_models(make, spec, keys):
+    torch.manual_seed(0)
+    layer = make()
+    assert list(layer.spec().items()) == list(spec.items())
+    assert list(layer.state_dict()) == keys
+    x = torch.randn(4, 10) if isinstance(layer, LowRankLinear) else torch.randn(2, 5, 11, 10)
+    assert _assert_spec_round_trip(layer, x) == spec
 
 
 def test_module_from_spec_errors():
@@ -140,9 +175,7 @@ def test_low_rank_linear_equals_dense_product():
     x = torch.randn(4, 10)
     torch.testing.assert_close(layer(x), F.linear(x, second @ first, linear.bias), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.reconstructed_weight(), second @ first)
-    rebuilt = module_from_spec(json.loads(json.dumps(layer.spec())))
-    rebuilt.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(rebuilt(x), layer(x), atol=0, rtol=0)
+    _assert_spec_round_trip(layer, x)
 
 
 def test_low_rank_linear_without_bias_and_bad_factors():

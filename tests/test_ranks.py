@@ -11,14 +11,9 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from sigma_core.ranks import (
-    RankRule,
-    alpha_rank,
-    cp_max_rank,
-    evbmf,
-    ranks_from_fraction,
-    tucker2_ranks_alpha,
-    tucker2_vbmf_ranks,
-    validate_tucker2_ranks,
+    RankRule, alpha_rank, cp_max_rank, cp_rank_alpha, cp_rank_from_fraction, cp_vbmf_rank, evbmf, ranks_from_fraction,
+    svd_rank_alpha, svd_rank_from_fraction, tucker2_ranks_alpha, tucker2_vbmf_ranks, validate_cp_rank,
+    validate_svd_rank, validate_tucker2_ranks,
 )
 
 
@@ -261,3 +256,99 @@ def test_rank_rule_resolve_and_describe():
     assert "fraction=0.25" in RankRule(fraction=0.25).describe()
     with pytest.raises(dataclasses.FrozenInstanceError):
         RankRule(alpha=0.5).alpha = 0.1  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------------ pinned outputs
+# Values computed with the rank code as it stood before its shared helpers were factored out (alpha rule,
+# fraction rounding, RankRule dispatch): the refactor must keep every public result.
+
+_ALPHAS = (0.0, 0.25, 0.5, 0.8, 1.0)
+_FRACTIONS = (0.05, 0.25, 0.3, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def pinned_inputs():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((16, 8, 3, 3))
+    planted = (rng.standard_normal((24, 3)) @ rng.standard_normal((3, 12 * 9))).reshape(24, 12, 3, 3)
+    kernel = planted + 0.05 * rng.standard_normal((24, 12, 3, 3))
+    weight = rng.standard_normal((20, 3)) @ rng.standard_normal((3, 30)) + 0.01 * rng.standard_normal((20, 30))
+    return noise, kernel, weight
+
+
+def test_pinned_alpha_ranks(pinned_inputs):
+    noise, kernel, weight = pinned_inputs
+    assert tucker2_vbmf_ranks(kernel) == (3, 4) and cp_vbmf_rank(kernel) == 4
+    assert tucker2_vbmf_ranks(noise) == (0, 0) and cp_vbmf_rank(noise) == 0
+    assert [tucker2_ranks_alpha(noise, a) for a in _ALPHAS] == [(16, 8), (12, 6), (8, 4), (3, 2), (1, 1)]
+    assert [tucker2_ranks_alpha(kernel, a) for a in _ALPHAS] == [(24, 12), (19, 10), (14, 8), (7, 6), (3, 4)]
+    assert [cp_rank_alpha(noise, a) for a in _ALPHAS] == [72, 54, 36, 14, 1]
+    assert [cp_rank_alpha(kernel, a) for a in _ALPHAS] == [108, 82, 56, 25, 4]
+    for w in (weight, weight.T, weight.reshape(20, 30, 1, 1)):
+        assert [svd_rank_alpha(w, a) for a in _ALPHAS] == [20, 16, 12, 6, 3]
+
+
+@pytest.mark.parametrize("shape, tucker2, cp", [
+    ((16, 8, 3, 3), [(1, 1), (4, 2), (5, 2), (8, 4), (16, 8)], [4, 18, 22, 36, 72]),
+    ((7, 5, 5, 3), [(1, 1), (2, 1), (2, 2), (4, 3), (7, 5)], [4, 19, 23, 38, 75]),
+    ((18, 6, 1, 1), [(1, 1), (5, 2), (5, 2), (9, 3), (18, 6)], [1, 2, 2, 3, 6]),  # 0.25 * 18 = 4.5 rounds up
+])
+def test_pinned_fraction_ranks(shape, tucker2, cp):
+    assert [ranks_from_fraction(shape, f) for f in _FRACTIONS] == tucker2
+    assert [cp_rank_from_fraction(shape, f) for f in _FRACTIONS] == cp
+
+
+def test_pinned_svd_fraction_ranks():
+    assert [svd_rank_from_fraction((20, 30), f) for f in _FRACTIONS] == [1, 5, 6, 10, 20]
+    assert [svd_rank_from_fraction((18, 7, 1, 1), f) for f in _FRACTIONS] == [1, 2, 2, 4, 7]
+
+
+def test_pinned_rank_rule_resolution(pinned_inputs):
+    _, kernel, weight = pinned_inputs
+    rule = RankRule(alpha=0.5)
+    assert (rule.resolve(kernel), rule.resolve_cp(kernel), rule.resolve_svd(weight)) == ((14, 8), 56, 12)
+    rule = RankRule(fraction=0.3)
+    assert (rule.resolve(kernel), rule.resolve_cp(kernel), rule.resolve_svd(weight)) == ((7, 4), 32, 6)
+    assert RankRule(cp_rank=np.int64(5)).resolve_cp(kernel) == 5
+    assert RankRule(svd_rank=np.int64(7)).resolve_svd(weight.reshape(20, 30, 1, 1)) == 7
+
+
+@pytest.mark.parametrize("kwargs, method, message", [
+    ({"cp_rank": 5}, "resolve", "RankRule(cp_rank=5) is a CP rank; a Tucker-2 method needs "
+                                "RankRule(ranks=(R_T, R_S)), alpha or fraction"),
+    ({"svd_rank": 2}, "resolve", "RankRule(svd_rank=2) is an SVD rank; a Tucker-2 method needs "
+                                 "RankRule(ranks=(R_T, R_S)), alpha or fraction"),
+    ({"ranks": (3, 2)}, "resolve_cp", "RankRule(ranks=(3, 2)) holds Tucker-2 ranks (R_T, R_S); a CP method needs "
+                                      "RankRule(cp_rank=R), alpha or fraction"),
+    ({"svd_rank": 2}, "resolve_cp", "RankRule(svd_rank=2) is an SVD rank; a CP method needs RankRule(cp_rank=R), "
+                                    "alpha or fraction"),
+    ({"ranks": (3, 2)}, "resolve_svd", "RankRule(ranks=(3, 2)) is not an SVD rank; an SVD method needs "
+                                       "RankRule(svd_rank=r), alpha or fraction"),
+    ({"cp_rank": 5}, "resolve_svd", "RankRule(cp_rank=5) is not an SVD rank; an SVD method needs "
+                                    "RankRule(svd_rank=r), alpha or fraction"),
+])
+def test_pinned_rank_rule_family_errors(pinned_inputs, kwargs, method, message):
+    _, kernel, _ = pinned_inputs
+    with pytest.raises(ValueError) as info:
+        getattr(RankRule(**kwargs), method)(kernel)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: RankRule(cp_rank=0), "cp_rank must be an int >= 1, got 0"),
+    (lambda: RankRule(svd_rank=1.5), "svd_rank must be an int >= 1, got 1.5"),
+    (lambda: validate_svd_rank((20, 30), 0), "SVD rank must be an int >= 1, got 0"),
+    (lambda: validate_svd_rank((20, 30, 1, 1), 21),
+     "SVD rank 21 exceeds min(out, in) = 20 of the weight (20, 30, 1, 1); use a rank <= 20"),
+    (lambda: validate_cp_rank((16, 8, 3, 3), 1.0), "CP rank must be an int, got 1.0 (float)"),
+    (lambda: validate_cp_rank((16, 8, 3, 3), 73),
+     "CP rank 73 exceeds R_max = TSHW / max(T, S, H, W) = 72 for kernel (16, 8, 3, 3): an exact CP decomposition "
+     "with 72 terms exists; use a rank <= 72"),
+    (lambda: cp_max_rank((16, 8, 3)), "shape must be 4 positive ints (T, S, H, W), got (16, 8, 3)"),
+    (lambda: svd_rank_from_fraction((20, 30), 0.0),
+     "fraction must be a number in (0, 1] (share of T and of S kept), got 0.0"),
+])
+def test_pinned_rank_errors(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message

@@ -350,7 +350,8 @@ class MemoryEstimate:
     Attributes
     ----------
     gram_bytes : dict of str to int
-        Per layer: the float64 n x n Gram sum plus the n column sums.
+        Per layer: the float64 n x n Gram sum plus the n column sums, plus (float32 compute) the float32 n x n
+        partial Gram that ``SigmaAccumulator`` flushes into the float64 sum.
     dims : dict of str to int
         Per layer: patch dimension n.
     im2col_bytes : int
@@ -423,7 +424,7 @@ def estimate_actor_memory(
     activations = batch_size * (in_elems * (4 + act) + 3 * largest * act)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return MemoryEstimate(
-        gram_bytes={name: 8 * (n * n + n) for name, n in dims.items()},
+        gram_bytes={name: 8 * (n * n + n) + (4 * n * n if comp == 4 else 0) for name, n in dims.items()},
         dims=dims,
         im2col_bytes=int(im2col),
         activation_bytes=int(activations),
@@ -865,7 +866,9 @@ class _SigmaWorker:
 
 def _to_numpy_state(acc: SigmaAccumulator) -> dict:
     # numpy (not torch) so merge tasks read the object store zero-copy.
-    return {"n": acc.n, "count": acc.count, "gram": acc.gram.cpu().numpy(), "total": acc.total.cpu().numpy()}
+    state = acc.state_dict()  # the public (s, kh, kw)-ordered full Gram, whatever the internal layout
+    return {"n": int(state["n"]), "count": int(state["count"]), "gram": state["gram"].cpu().numpy(),
+            "total": state["total"].cpu().numpy()}
 
 
 def merge_states(a: Mapping, b: Mapping) -> dict:
@@ -1001,8 +1004,11 @@ def ray_compute_sigmas(
         info.update(run_info, memory={"estimate_bytes": estimate.total, "budget_bytes": int(budget),
                                       "describe": estimate.describe()})
         if cache is not None:
-            cache.save_layers(key, computed, {"source": plan.identity, "n": plan.n_samples, "seed": plan.seed,
-                                              "centered": plan.centered, "weights": key.weights_hash})
+            description = {"source": plan.identity, "n": plan.n_samples, "seed": plan.seed,
+                           "centered": plan.centered, "weights": key.weights_hash}
+            cache.save_layers(key, computed, description)
+            # Readers of the whole-set key (sweep trials) follow a small index to the per-layer entries.
+            cache.save_index(key, layer_names, {**description, "backend": "ray"})
     sigmas = {name: cached[name] if name in cached else computed[name] for name in layer_names}
     if config.factor:
         _ensure_ray()

@@ -7,6 +7,10 @@ Conventions (design.md): for a conv with kernel K of shape (T, S, H, W), a patch
 in the order ``s*H*W + h*W + w`` -- the order of ``F.unfold`` and of the columns of ``K.reshape(T, n)``.
 For a linear layer u is the input feature vector. Sigma is the *uncentered* second moment, because
 Proposition 1 -- ``mean ||Conv_K(x) - Conv_K~(x)||^2 = ||(K - K~)_(1) Sigma^{1/2}||_F^2`` -- needs it.
+
+Speed (benchmarks/bench_sigma.py): conv patches are gathered in one copy from an NHWC window view, in
+(kh, kw, s) column order, and only the upper block triangle of ``U^T U`` is multiplied; the sums are put back
+in (s, kh, kw) order and mirrored whenever they are read, so nothing outside this class sees that layout.
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ def patch_dim(layer: nn.Module) -> int:
     raise TypeError(f"Sigma is defined for nn.Conv2d and nn.Linear layers, got {type(layer).__name__}")
 
 
+def _pad_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``x`` padded as ``conv`` pads it (any padding mode), so that patches are then taken without padding."""
+    pads = _conv_pads(conv)
+    if not any(pads):
+        return x
+    mode = _PAD_MODES[conv.padding_mode]
+    return F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+
+
 def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """im2col rows of ``x`` exactly as ``conv`` sees them.
 
@@ -78,12 +91,34 @@ def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
         raise ValueError(f"expected input (B, {conv.in_channels}, H, W) for this conv, got {tuple(x.shape)}")
-    pads = _conv_pads(conv)
-    mode = _PAD_MODES[conv.padding_mode]
-    if any(pads):
-        x = F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=0, stride=conv.stride)
+    cols = F.unfold(_pad_input(x, conv), conv.kernel_size, dilation=conv.dilation, padding=0, stride=conv.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _conv_windows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """All of ``conv``'s input windows as one strided view, channels innermost.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (B, S, H_in, W_in)
+
+    Returns
+    -------
+    torch.Tensor, shape (B, H_out, W_out, kh, kw, S)
+        A view (no copy) of the padded input in NHWC layout: one copy of it is the patch matrix with columns in
+        (kh, kw, s) order, the order in which an NHWC tensor keeps each window's S channels contiguous.
+    """
+    if x.dim() != 4 or x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected input (B, {conv.in_channels}, H, W) for this conv, got {tuple(x.shape)}")
+    # NHWC: a no-op when the input already is channels_last.
+    xp = _pad_input(x, conv).permute(0, 2, 3, 1).contiguous()
+    b, hp, wp, s = xp.shape
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input {tuple(x.shape)} is smaller than the dilated kernel of this conv (no output)")
+    st = xp.stride()
+    return xp.as_strided((b, ho, wo, kh, kw, s), (st[0], st[1] * sh, st[2] * sw, st[1] * dh, st[2] * dw, st[3]))
 
 
 def layer_patches(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -103,12 +138,86 @@ def layer_patches(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"Sigma is defined for nn.Conv2d and nn.Linear layers, got {type(layer).__name__}")
 
 
+# Column blocks of the block-triangular Gram: k = min(4, n // 288). Blocks narrower than ~288 columns make thin
+# GEMMs that run well below peak; k = 4 already does (k + 1) / (2 k) = 62.5 % of the full product's flops
+# (benchmarks/README.md, "Sigma accumulation").
+_BLOCK_COLS = 288
+_MAX_BLOCKS = 4
+# float32 compute: patches accumulated in the float32 partial Gram before it is added into the float64 sums.
+# Adding an n x n float32 product into float64 after every batch cost 8-25 % of an update; 2^16 rows per
+# partial sum is what one large batch's float32 GEMM sums anyway, so accuracy stays at float32 rounding.
+_FLUSH_ROWS = 1 << 16
+
+
+def _block_edges(n: int) -> list[int]:
+    """Column-block boundaries ``[0, ..., n]`` of the block-triangular Gram (sizes differ by at most 1)."""
+    k = min(_MAX_BLOCKS, max(1, n // _BLOCK_COLS))
+    return [round(i * n / k) for i in range(k + 1)]
+
+
+def _add_upper_gram(gram: torch.Tensor, u: torch.Tensor, edges: Sequence[int]) -> None:
+    """``gram[I, e_i:] += u[:, I]^T u[:, e_i:]`` for every column block I = [e_i, e_{i+1}).
+
+    Each block row from its diagonal block on: the upper block triangle of ``u^T u`` (a SYRK done with k
+    GEMMs, which torch lacks). ``gram`` : (n, n), ``u`` : (m, n); both in the same column order.
+    """
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        gram[lo:hi, lo:].addmm_(u[:, lo:hi].T, u[:, lo:])
+
+
+def _add_upper(dst: torch.Tensor, src: torch.Tensor, edges: Sequence[int]) -> None:
+    """``dst += src`` on the upper block triangle only (the part :func:`_add_upper_gram` writes), shape (n, n)."""
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        dst[lo:hi, lo:] += src[lo:hi, lo:]
+
+
+def _mirror_upper(gram: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
+    """Full symmetric matrix (a new tensor) from the upper block triangle of ``gram``, shape (n, n)."""
+    full = gram.clone()
+    for lo, hi in zip(edges[1:-1], edges[2:]):
+        full[lo:hi, :lo] = full[:lo, lo:hi].T
+    return full
+
+
+def _swap_order(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Reindex every axis of ``t`` (shape (n,) or (n, n), n = a*b) from (a, b) order to (b, a) order (a copy)."""
+    if t.dim() == 1:
+        return t.reshape(a, b).T.reshape(a * b)
+    return t.reshape(a, b, a, b).permute(1, 0, 3, 2).reshape(a * b, a * b)
+
+
+def _column_sums(u: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``u`` (m, n) in its dtype, shape (n,).
+
+    float64: a GEMV with a ones vector, 2-2.5x faster than ``sum(dim=0)`` at the same accuracy. float32: torch's
+    cascade ``sum`` -- a float32 GEMV accumulates ~100x more rounding (~3e-6 vs ~3e-8 relative on real patches),
+    which the centered Sigma (``E[uu^T] - mu mu^T``) would inherit, for ~1 % of an update.
+    """
+    if u.dtype == torch.float64:
+        return torch.mv(u.T, torch.ones(u.shape[0], dtype=u.dtype, device=u.device))
+    return u.sum(dim=0)
+
+
+def _kernel_of(layer: nn.Module) -> tuple[int, int, int] | None:
+    """(S, kh, kw) of a conv with a spatial kernel (the accumulator's internal patch order); None otherwise."""
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size[0] * layer.kernel_size[1] > 1:
+        return (layer.in_channels, *layer.kernel_size)
+    return None
+
+
 class SigmaAccumulator:
     """Mergeable running sums for Sigma = E[u u^T] (and E[u], for the centered option).
 
-    Sums are kept in float64 whatever the compute dtype: with ``compute_dtype=torch.float32`` each batch's
-    Gram matrix is formed in float32 (fast on GPUs) and added to the float64 running sum, so rounding error
-    does not grow with the number of batches.
+    Sums are kept in float64 whatever the compute dtype. With ``compute_dtype=torch.float32`` the Gram products
+    are formed in float32 (fast on GPUs) into a float32 partial sum that is added into the float64 sum every
+    2^16 patches and before any read (``gram``, ``state_dict``, ``merge``, ``finalize``), so rounding error does
+    not grow with the number of batches.
+
+    Internally only the upper block triangle of ``sum u u^T`` is computed (see :func:`_add_upper_gram`) and,
+    for a conv with a spatial kernel (``kernel`` given, as :meth:`for_layer` does), columns are kept in
+    (kh, kw, s) order so that patches can be gathered in one copy from an NHWC view (:meth:`update_input`).
+    Everything read from outside -- ``gram``, ``total``, :meth:`state_dict`, :meth:`finalize` -- is full,
+    symmetric and in the (s, kh, kw) order of ``K.reshape(T, n)``, the same format older versions stored.
 
     Parameters
     ----------
@@ -118,69 +227,175 @@ class SigmaAccumulator:
         Where the running sums live.
     compute_dtype : torch.dtype
         dtype of the per-batch ``U^T U`` product (float64 default; float32 for speed).
+    kernel : (S, kh, kw), optional
+        Kernel shape of the conv the patches come from (S*kh*kw = n); enables the (kh, kw, s) internal order.
     """
 
-    def __init__(self, n: int, *, device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float64):
+    def __init__(self, n: int, *, device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float64,
+                 kernel: tuple[int, int, int] | None = None):
         if n < 1:
             raise ValueError(f"patch dimension must be >= 1, got {n}")
         if compute_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"compute_dtype must be torch.float64 or torch.float32, got {compute_dtype}")
+        if kernel is not None and kernel[0] * kernel[1] * kernel[2] != n:
+            raise ValueError(f"kernel {tuple(kernel)} does not have n = {n} entries")
         self.n = int(n)
         self.compute_dtype = compute_dtype
-        self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.total = torch.zeros(n, dtype=torch.float64, device=device)
+        # With a 1x1 kernel (kh, kw, s) order is (s) order: nothing to reorder.
+        self._kernel = tuple(int(k) for k in kernel) if kernel is not None and kernel[1] * kernel[2] > 1 else None
+        self._edges = _block_edges(self.n)
+        self._gram = torch.zeros(n, n, dtype=torch.float64, device=device)  # internal order, upper blocks only
+        self._gram32: torch.Tensor | None = None  # float32 partial sums not yet in _gram (float32 compute)
+        self._pending = 0  # patches in _gram32
+        self._total = torch.zeros(n, dtype=torch.float64, device=device)  # internal order
         self.count = 0
 
     @classmethod
     def for_layer(cls, layer: nn.Module, **kwargs) -> "SigmaAccumulator":
         """Accumulator sized for ``layer`` (nn.Conv2d with groups=1, or nn.Linear)."""
-        return cls(patch_dim(layer), **kwargs)
+        return cls(patch_dim(layer), kernel=_kernel_of(layer), **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the running sums live."""
+        return self._gram.device
+
+    # ------------------------------------------------------------------ order conversions
+    def _to_internal(self, t: torch.Tensor) -> torch.Tensor:
+        """(s, kh, kw)-ordered (n,) or (n, n) tensor in the internal order (a copy unless already internal)."""
+        if self._kernel is None:
+            return t
+        s, kh, kw = self._kernel
+        return _swap_order(t, s, kh * kw)
+
+    def _to_canonical(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_to_internal` (always a new tensor)."""
+        if self._kernel is None:
+            return t.clone()
+        s, kh, kw = self._kernel
+        return _swap_order(t, kh * kw, s)
+
+    # ------------------------------------------------------------------ accumulation
     def update(self, patches: torch.Tensor) -> None:
         """Add patches.
 
         Parameters
         ----------
         patches : torch.Tensor, shape (m, n)
-            One patch per row (see :func:`layer_patches`).
+            One patch per row in (s, kh, kw) order (see :func:`layer_patches`).
         """
         if patches.dim() != 2 or patches.shape[1] != self.n:
             raise ValueError(f"patches must be (m, {self.n}), got {tuple(patches.shape)}")
         if patches.shape[0] == 0:
             return
-        u = patches.detach().to(device=self.gram.device, dtype=self.compute_dtype)
+        p = patches.detach().to(self.device)
+        if self._kernel is None:
+            self._add_rows(p.to(self.compute_dtype))
+            return
+        s, kh, kw = self._kernel
+        u = torch.empty((p.shape[0], kh * kw, s), dtype=self.compute_dtype, device=self.device)
+        u.copy_(p.reshape(-1, s, kh * kw).transpose(1, 2))  # reorder and convert in one copy
+        self._add_rows(u.view(-1, self.n))
+
+    def update_input(self, x: torch.Tensor, layer: nn.Module) -> None:
+        """Add the patches of ``layer``'s input ``x``: same sums as ``update(layer_patches(x, layer))``, faster.
+
+        For a conv whose kernel matches this accumulator's the patch matrix is gathered in one copy (with the
+        dtype conversion) from an NHWC window view, instead of pad + unfold + transpose + convert.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, S, H_in, W_in) for a conv, (..., in_features) for a linear layer.
+        layer : nn.Conv2d or nn.Linear
+        """
+        # The gather yields (kh, kw, s) columns: usable when that is the internal order (or kh = kw = 1).
+        if not isinstance(layer, nn.Conv2d) or _kernel_of(layer) != self._kernel:
+            self.update(layer_patches(x, layer))
+            return
+        if patch_dim(layer) != self.n:  # also rejects grouped convs
+            raise ValueError(f"this conv has patches of dimension {patch_dim(layer)}, the accumulator {self.n}")
+        windows = _conv_windows(x.detach().to(self.device), layer)
+        u = torch.empty(windows.shape, dtype=self.compute_dtype, device=self.device)
+        u.copy_(windows)  # the gather and the dtype conversion in one pass
+        self._add_rows(u.view(-1, self.n))
+
+    def _add_rows(self, u: torch.Tensor) -> None:
+        """Add rows ``u`` (m, n) in internal order and compute dtype to the sums."""
         if self.compute_dtype == torch.float64:
-            # addmm_ writes into the running sum: no n x n temporary per batch.
-            self.gram.addmm_(u.T, u)
-            self.total += u.sum(dim=0)
+            _add_upper_gram(self._gram, u, self._edges)
         else:
-            self.gram += (u.T @ u).to(torch.float64)
-            # A float64-converting sum cost ~20 % of the update; torch's pairwise float32 sum is accurate
-            # enough per batch and is promoted into the float64 total.
-            self.total += u.sum(dim=0).to(torch.float64)
+            if self._gram32 is None:
+                self._gram32 = torch.zeros(self.n, self.n, dtype=torch.float32, device=self.device)
+            _add_upper_gram(self._gram32, u, self._edges)
+            self._pending += int(u.shape[0])
+            if self._pending >= _FLUSH_ROWS:
+                self._flush()
+        self._total += _column_sums(u)
         self.count += int(u.shape[0])
+
+    def _flush(self) -> None:
+        """Move the float32 partial Gram into the float64 sums."""
+        if self._pending:
+            _add_upper(self._gram, self._gram32, self._edges)
+            self._gram32.zero_()
+            self._pending = 0
+
+    # ------------------------------------------------------------------ reading, merging, shipping
+    @property
+    def gram(self) -> torch.Tensor:
+        """sum u u^T: float64 (n, n), full, symmetric, in (s, kh, kw) order.
+
+        A new tensor each time (mirrored and reordered from the internal sums): writing to it changes nothing.
+        """
+        self._flush()
+        return self._to_canonical(_mirror_upper(self._gram, self._edges))
+
+    @property
+    def total(self) -> torch.Tensor:
+        """sum u: float64 (n,), (s, kh, kw) order. A new tensor."""
+        return self._to_canonical(self._total)
 
     def merge(self, other: "SigmaAccumulator") -> "SigmaAccumulator":
         """Add another accumulator's sums into this one (in place) and return self."""
         if not isinstance(other, SigmaAccumulator) or other.n != self.n:
             raise ValueError(f"can only merge accumulators of the same patch dimension {self.n}")
-        self.gram += other.gram.to(self.gram.device)
-        self.total += other.total.to(self.total.device)
-        self.count += other.count
+        if other._kernel == self._kernel:  # same internal layout (block edges depend on n only)
+            other._flush()
+            _add_upper(self._gram, other._gram.to(self.device), self._edges)
+            self._total += other._total.to(self.device)
+            self.count += other.count
+            return self
+        return self._add_sums(other.gram, other.total, other.count)
+
+    def _add_sums(self, gram: torch.Tensor, total: torch.Tensor, count: int) -> "SigmaAccumulator":
+        """Add full (s, kh, kw)-ordered sums (the :meth:`state_dict` format) into this accumulator."""
+        if tuple(gram.shape) != (self.n, self.n) or tuple(total.shape) != (self.n,):
+            raise ValueError(f"sums must be gram ({self.n}, {self.n}) and total ({self.n},), "
+                             f"got {tuple(gram.shape)} and {tuple(total.shape)}")
+        gram = gram.to(device=self.device, dtype=torch.float64)
+        _add_upper(self._gram, self._to_internal(gram), self._edges)
+        self._total += self._to_internal(total.to(device=self.device, dtype=torch.float64))
+        self.count += int(count)
         return self
 
     def state_dict(self) -> dict:
-        """Plain tensors/ints (picklable, safetensors-friendly) to ship partial sums between processes."""
+        """Plain tensors/ints (picklable, safetensors-friendly) to ship partial sums between processes.
+
+        Returns
+        -------
+        dict
+            ``{"n": int, "count": int, "gram": (n, n) float64, "total": (n,) float64}``, full and in (s, kh, kw)
+            order whatever the internal layout: the format of every version so far, so states from older code
+            load and merge, and ``merge_states``-style elementwise sums of states stay valid.
+        """
         return {"n": self.n, "count": self.count, "gram": self.gram, "total": self.total}
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, device: torch.device | str = "cpu") -> "SigmaAccumulator":
-        """Inverse of :meth:`state_dict`."""
-        acc = cls(int(state["n"]), device=device)
-        acc.gram.copy_(state["gram"])
-        acc.total.copy_(state["total"])
-        acc.count = int(state["count"])
-        return acc
+    def from_state_dict(cls, state: dict, *, device: torch.device | str = "cpu", **kwargs) -> "SigmaAccumulator":
+        """Inverse of :meth:`state_dict`; ``kwargs`` (``compute_dtype``, ``kernel``) go to the constructor."""
+        acc = cls(int(state["n"]), device=device, **kwargs)
+        return acc._add_sums(torch.as_tensor(state["gram"]), torch.as_tensor(state["total"]), int(state["count"]))
 
     def finalize(self, *, centered: bool = False) -> torch.Tensor:
         """Sigma (float64, shape (n, n)): E[u u^T], or E[(u - mu)(u - mu)^T] if ``centered``."""
@@ -190,7 +405,7 @@ class SigmaAccumulator:
         if centered:
             mu = self.total / self.count
             sigma = sigma - torch.outer(mu, mu)
-        # Symmetrize: the float64 sums are symmetric up to summation-order rounding only.
+        # Symmetrize: the diagonal blocks are symmetric up to summation-order rounding only.
         return 0.5 * (sigma + sigma.T)
 
     def mean(self) -> torch.Tensor:
@@ -369,7 +584,7 @@ class SigmaCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.accumulators[name].update(layer_patches(args[0], module))
+            self.accumulators[name].update_input(args[0], module)
             self._seen.add(name)
             if self.stop_early and len(self._seen) == len(self.layers):
                 raise _StopForward

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _helpers import fmnist_images, rel_close, spd_with_condition
+from sigma_core import covariance
 from sigma_core.covariance import (
     SigmaAccumulator,
     SigmaCapture,
@@ -75,16 +76,20 @@ def _perturbed(layer: nn.Module, seed: int = 2) -> tuple[nn.Module, torch.Tensor
     return other, dk
 
 
-def _sigma_of(layer: nn.Module, x: torch.Tensor, chunks: int = 3) -> torch.Tensor:
+def _sigma_of(layer: nn.Module, x: torch.Tensor, chunks: int = 3, via: str = "patches") -> torch.Tensor:
+    """Sigma of ``layer``'s input ``x`` fed in ``chunks`` batches, as im2col rows or as the raw input."""
     acc = SigmaAccumulator.for_layer(layer)
     for part in x.chunk(chunks):
-        acc.update(layer_patches(part, layer))
+        if via == "patches":
+            acc.update(layer_patches(part, layer))
+        else:
+            acc.update_input(part, layer)
     return acc.finalize()
 
 
-def _check_prop1(layer: nn.Module, x: torch.Tensor, out_positions: int) -> tuple[float, float]:
+def _check_prop1(layer: nn.Module, x: torch.Tensor, out_positions: int, via: str = "patches") -> tuple[float, float]:
     """Relative errors of ||dK1 L||^2 and tr(dK1 Sigma dK1^T) vs the mean squared output change."""
-    sigma = _sigma_of(layer, x)
+    sigma = _sigma_of(layer, x, via=via)
     other, dk = _perturbed(layer)
     with torch.no_grad():
         diff = other(x) - layer(x)
@@ -97,14 +102,18 @@ def _check_prop1(layer: nn.Module, x: torch.Tensor, out_positions: int) -> tuple
     return abs(via_l - measured) / measured, abs(via_trace - measured) / measured
 
 
+@pytest.mark.parametrize("via", ["patches", "input"])
 @pytest.mark.parametrize("variant", list(CONV_VARIANTS))
-def test_proposition1_conv_real_activations(features, variant):
-    """mean over (images x output positions) of ||Conv_K~(x) - Conv_K(x)||^2 = ||dK1 L||^2 = tr(dK1 Sigma dK1^T)."""
+def test_proposition1_conv_real_activations(features, variant, via):
+    """mean over (images x output positions) of ||Conv_K~(x) - Conv_K(x)||^2 = ||dK1 L||^2 = tr(dK1 Sigma dK1^T).
+
+    ``via="input"`` feeds the raw conv input to ``update_input`` (one-pass NHWC gather, (kh, kw, s) internal order).
+    """
     conv = _conv_under_test(**CONV_VARIANTS[variant])
     with torch.no_grad():
         out = conv(features)
-    err_l, err_tr = _check_prop1(conv, features, out.shape[0] * out.shape[2] * out.shape[3])
-    print(f"prop1 {variant}: rel err via L {err_l:.2e}, via trace {err_tr:.2e}")
+    err_l, err_tr = _check_prop1(conv, features, out.shape[0] * out.shape[2] * out.shape[3], via=via)
+    print(f"prop1 {variant} via {via}: rel err via L {err_l:.2e}, via trace {err_tr:.2e}")
     assert err_l < 1e-8 and err_tr < 1e-8
 
 
@@ -219,6 +228,220 @@ def test_accumulator_rejects_bad_input():
         acc.merge(SigmaAccumulator(5))
     with pytest.raises(ValueError, match="compute_dtype"):
         SigmaAccumulator(4, compute_dtype=torch.float16)
+
+
+# ---------------------------------------------------------------- fast path: NHWC gather + block-triangular Gram
+# Each case: (in channels S, conv kwargs, input (B, H, W)). n = S*kh*kw is never a multiple of the block count.
+ODD_SHAPES = {
+    "stride2": (5, dict(kernel_size=3, stride=2, padding=1), (3, 9, 10)),
+    "dilation2": (5, dict(kernel_size=3, dilation=2, padding=2), (2, 11, 9)),
+    "reflect": (7, dict(kernel_size=3, padding=1, padding_mode="reflect"), (2, 8, 7)),
+    "circular_stride2": (5, dict(kernel_size=3, padding=2, stride=2, padding_mode="circular"), (2, 9, 9)),
+    "replicate_3x5": (3, dict(kernel_size=(3, 5), padding=(1, 2), padding_mode="replicate"), (2, 6, 9)),
+    "nonsquare_2x4_same": (7, dict(kernel_size=(2, 4), padding="same"), (2, 7, 8)),
+    "nonsquare_5x3_dil_stride": (3, dict(kernel_size=(5, 3), dilation=(1, 2), stride=(2, 1)), (2, 12, 10)),
+    "batch_of_1": (5, dict(kernel_size=3, padding=1), (1, 6, 5)),
+    "1x1_stride2": (9, dict(kernel_size=1, stride=2), (2, 7, 7)),
+}
+
+
+def _odd_case(case: str, seed: int = 0) -> tuple[nn.Conv2d, torch.Tensor]:
+    s, kwargs, (b, h, w) = ODD_SHAPES[case]
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(s, 4, bias=False, **kwargs).double()
+    x = torch.randn(b, s, h, w, dtype=torch.float64).clamp_min(0)
+    return conv, x
+
+
+def _unfold_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Brute-force im2col, independent of sigma_core: ``F.pad`` from ``conv.padding`` / ``padding_mode``, then
+    ``F.unfold``; rows (B * L, n) in (s, kh, kw) column order."""
+    kh, kw = conv.kernel_size
+    if conv.padding == "same":
+        pads = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            pads += [d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2]
+    else:
+        pads = [conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]]
+    mode = {"zeros": "constant"}.get(conv.padding_mode, conv.padding_mode)
+    xp = F.pad(x, pads, mode=mode)
+    cols = F.unfold(xp, (kh, kw), dilation=conv.dilation, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@pytest.fixture(params=["small_blocks", "default_blocks"])
+def block_cols(request, monkeypatch):
+    """Column-block width of the block-triangular Gram: tiny (4 uneven blocks even at n = 27) or the default."""
+    if request.param == "small_blocks":
+        monkeypatch.setattr(covariance, "_BLOCK_COLS", 5)
+    return request.param
+
+
+@pytest.mark.parametrize("case", list(ODD_SHAPES))
+def test_update_input_equals_unfold_gram(case, block_cols):
+    """``update_input`` (NHWC gather, (kh, kw, s) internal order, upper blocks) = the F.unfold Gram, sums, count."""
+    conv, x = _odd_case(case)
+    u = _unfold_rows(x, conv)
+    with torch.no_grad():
+        assert u.shape[0] == conv(x)[:, 0].numel()  # as many patches as output positions
+    acc = SigmaAccumulator.for_layer(conv)
+    for part in x.split(1):  # one image per update: batch-of-1 updates everywhere
+        acc.update_input(part, conv)
+    assert acc.count == u.shape[0]
+    assert rel_close(acc.gram, u.T @ u) < 1e-14
+    assert torch.equal(acc.gram, acc.gram.T)  # mirrored, not only symmetric to rounding
+    assert rel_close(acc.total, u.sum(0)) < 1e-14
+    assert rel_close(acc.finalize(), u.T @ u / u.shape[0]) < 1e-14
+    assert rel_close(acc.finalize(centered=True), torch.cov(u.T, correction=0)) < 1e-12
+
+
+def test_block_edges_cover_uneven_n(monkeypatch):
+    """k = min(4, n // 288) blocks of sizes differing by at most 1, for n not divisible by k."""
+    for n, k in ((1, 1), (287, 1), (577, 2), (1179, 4), (4608, 4)):
+        edges = covariance._block_edges(n)
+        sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        assert edges[0] == 0 and edges[-1] == n and len(sizes) == k and max(sizes) - min(sizes) <= 1
+
+
+def test_update_input_default_blocks_real_size():
+    """n = 131*3*3 = 1179 (4 blocks of 294-295 columns, as in real layers), batch of 1, stride 2, reflect."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(131, 2, 3, stride=2, padding=1, padding_mode="reflect", bias=False).double()
+    x = torch.randn(1, 131, 9, 8, dtype=torch.float64).clamp_min(0)
+    acc = SigmaAccumulator.for_layer(conv)
+    assert len(acc._edges) == 5 and conv.weight[0].numel() % 4 != 0
+    acc.update_input(x, conv)
+    u = _unfold_rows(x, conv)
+    assert rel_close(acc.gram, u.T @ u) < 1e-14 and rel_close(acc.total, u.sum(0)) < 1e-14
+
+
+@pytest.mark.parametrize("layer", ["linear", "linear_positions", "conv1x1"])
+def test_update_input_linear_and_1x1(layer):
+    """Linear layers and 1x1 convs: update_input = update(layer_patches) (channel order needs no reordering)."""
+    gen = torch.Generator().manual_seed(7)
+    if layer == "conv1x1":
+        mod, x = nn.Conv2d(6, 3, 1).double(), torch.randn(3, 6, 5, 4, generator=gen, dtype=torch.float64)
+    else:
+        mod = nn.Linear(6, 3).double()
+        x = torch.randn(*((4, 6) if layer == "linear" else (2, 3, 5, 6)), generator=gen, dtype=torch.float64)
+    fast, ref = SigmaAccumulator.for_layer(mod), SigmaAccumulator(6)
+    fast.update_input(x, mod)
+    ref.update(layer_patches(x, mod))
+    assert fast.count == ref.count and rel_close(fast.gram, ref.gram) < 1e-15
+    assert rel_close(fast.total, ref.total) < 1e-15
+
+
+@pytest.mark.parametrize("flush_rows", [1 << 16, 100])
+def test_float32_update_input_within_float32_tolerance(features, flush_rows, monkeypatch):
+    """float32 compute (float32 partial Gram, flushed into float64 every ``flush_rows`` patches and on read)
+    agrees with the float64 F.unfold Gram to float32 rounding; the sums stay float64."""
+    monkeypatch.setattr(covariance, "_FLUSH_ROWS", flush_rows)
+    conv = _conv_under_test(kernel_size=3, padding=1, padding_mode="reflect")
+    u = _unfold_rows(features, conv)
+    acc32 = SigmaAccumulator.for_layer(conv, compute_dtype=torch.float32)
+    for part in features.float().split(7):
+        acc32.update_input(part, conv)
+    assert acc32.gram.dtype == acc32.total.dtype == torch.float64
+    err = rel_close(acc32.finalize(), u.T @ u / u.shape[0])
+    err_mu = rel_close(acc32.mean(), u.mean(0))
+    print(f"float32 update_input (flush every {flush_rows}): rel err {err:.2e}, mean {err_mu:.2e}")
+    assert err < 1e-5 and err_mu < 1e-6
+    assert err > 1e-12  # really computed in float32
+
+
+def test_float32_pending_sums_reach_state_and_merge(monkeypatch):
+    """Patches still in the float32 partial Gram are counted by gram, state_dict, merge and finalize."""
+    monkeypatch.setattr(covariance, "_FLUSH_ROWS", 50)
+    conv, x = _odd_case("stride2")
+    u = _unfold_rows(x, conv)  # 75 patches: one flush after the 2nd image, the 3rd stays pending
+    a = SigmaAccumulator.for_layer(conv, compute_dtype=torch.float32)
+    for part in x.split(1):
+        a.update_input(part, conv)
+    assert a._pending > 0
+    assert rel_close(SigmaAccumulator.from_state_dict(a.state_dict()).gram, u.T @ u) < 1e-6
+    b = SigmaAccumulator.for_layer(conv).merge(a)
+    assert b.count == u.shape[0] and rel_close(b.finalize(), u.T @ u / u.shape[0]) < 1e-6
+
+
+def _legacy_state(u: torch.Tensor) -> dict:
+    """A partial state as the pre-block-triangular code wrote it: full u^T u and sums in (s, kh, kw) order."""
+    return {"n": u.shape[1], "count": u.shape[0], "gram": u.T @ u, "total": u.sum(0)}
+
+
+def test_state_dict_round_trip_is_exact():
+    conv, x = _odd_case("nonsquare_5x3_dil_stride")
+    acc = SigmaAccumulator.for_layer(conv)
+    acc.update_input(x, conv)
+    state = acc.state_dict()
+    assert set(state) == {"n", "count", "gram", "total"}  # the format older code wrote and reads
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    for kwargs in ({}, {"kernel": acc._kernel}):  # plain and kernel-ordered internal layouts
+        back = SigmaAccumulator.from_state_dict(loaded, **kwargs).state_dict()
+        assert back["n"] == state["n"] and back["count"] == state["count"]
+        assert torch.equal(back["gram"], state["gram"]) and torch.equal(back["total"], state["total"])
+    # gram/total are copies: writing to them does not touch the sums.
+    acc.gram.zero_()
+    acc.total.zero_()
+    assert torch.equal(acc.gram, state["gram"]) and torch.equal(acc.total, state["total"])
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_merge_with_old_format_state(block_cols, as_numpy):
+    """An old-format state (full Gram, numpy arrays as Ray ships them) merges with new accumulators in every
+    direction and layout, and elementwise sums of states (ray_sigma.merge_states) stay valid."""
+    conv, x = _odd_case("reflect")
+    u_old, u_new = _unfold_rows(x[:1], conv), _unfold_rows(x[1:], conv)
+    u = torch.cat([u_old, u_new])
+    old = _legacy_state(u_old)
+    if as_numpy:
+        old = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in old.items()}
+    new = SigmaAccumulator.for_layer(conv)
+    new.update_input(x[1:], conv)
+    merged = [
+        SigmaAccumulator.for_layer(conv).merge(SigmaAccumulator.from_state_dict(old)).merge(new),
+        SigmaAccumulator.from_state_dict(old).merge(new),
+        SigmaAccumulator.from_state_dict(old, kernel=new._kernel).merge(new),
+        SigmaAccumulator.from_state_dict({k: v + w for k, v, w in ((k, torch.as_tensor(old[k]), new.state_dict()[k])
+                                                                   for k in ("count", "gram", "total"))}
+                                         | {"n": new.n}),
+    ]
+    for acc in merged:
+        assert acc.count == u.shape[0]
+        assert rel_close(acc.gram, u.T @ u) < 1e-14 and rel_close(acc.total, u.sum(0)) < 1e-14
+        assert rel_close(acc.finalize(centered=True), torch.cov(u.T, correction=0)) < 1e-12
+
+
+def test_merge_mixed_layouts_equals_single_pass(features):
+    """Plain (s, kh, kw)-ordered accumulators and kernel-ordered ones merge into each other exactly."""
+    conv = _conv_under_test(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2))
+    parts = features.split([10, 25, 29])
+    one = SigmaAccumulator.for_layer(conv)
+    one.update_input(features, conv)
+    plain, kernel_ordered = SigmaAccumulator(one.n), SigmaAccumulator.for_layer(conv)
+    plain.update(conv_patches(parts[0], conv))
+    kernel_ordered.update_input(parts[1], conv)
+    kernel_ordered.update(conv_patches(parts[2], conv))
+    for acc in (copy.deepcopy(plain).merge(kernel_ordered), copy.deepcopy(kernel_ordered).merge(plain)):
+        assert acc.count == one.count
+        assert rel_close(acc.finalize(), one.finalize()) < 1e-13
+        assert rel_close(acc.mean(), one.mean()) < 1e-13
+
+
+def test_update_input_rejects_mismatched_layers():
+    acc = SigmaAccumulator.for_layer(nn.Conv2d(4, 2, 3))
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
+        acc.update_input(torch.zeros(1, 3, 5, 5), nn.Conv2d(4, 2, 3))
+    with pytest.raises(ValueError, match=r"\(m, 36\)"):
+        acc.update_input(torch.zeros(1, 2, 5, 5), nn.Conv2d(2, 2, 3))
+    with pytest.raises(ValueError, match="dimension 5"):
+        SigmaAccumulator(4).update_input(torch.zeros(1, 5, 3, 3), nn.Conv2d(5, 2, 1))
+    with pytest.raises(ValueError, match="smaller than"):
+        acc.update_input(torch.zeros(1, 4, 2, 2), nn.Conv2d(4, 2, 3))
+    with pytest.raises(ValueError, match="gram"):
+        SigmaAccumulator.from_state_dict({"n": 3, "count": 1, "gram": torch.zeros(2, 2), "total": torch.zeros(3)})
 
 
 # ---------------------------------------------------------------- capture of several layers in one pass

@@ -136,6 +136,10 @@ def test_two_actors_match_single_process(ray_cluster, weights_file, fmnist_sourc
     assert info["key"] == want_info["key"]  # same cache key semantics as compute_sigmas
     assert info["patches"] == want_info["patches"]
     assert len(info["actors"]) == 2 and sum(a["images"] for a in info["actors"]) == N_IMAGES
+    # The whole-set key that sweep trials read resolves through an index, not a second copy of the data.
+    whole = cache.load(info["key"], SIGMA_LAYERS)
+    assert whole is not None and all(torch.equal(whole[n], got[n]) for n in SIGMA_LAYERS)
+    assert not list((tmp_path / "sigma").glob(f"{info['key']}.safetensors"))
 
     # Per-layer entries: a later run on a subset of the layers starts no actor and returns the same matrices.
     again, info2 = ray_compute_sigmas(spec, SIGMA_LAYERS[1:3], fmnist_source, cache=cache, progress=False)
@@ -268,6 +272,9 @@ def test_memory_estimate_and_pass_suggestion(weights_file):
         check_memory(est, room)
     with pytest.raises(SigmaMemoryError, match="largest layer alone does not fit"):
         check_memory(est, est.total - sum(est.gram_bytes.values()) + 1000)
+    # float32 compute keeps a float32 partial Gram next to the float64 sum.
+    est32 = estimate_actor_memory(model, SIGMA_LAYERS, (1, 28, 28), batch_size=64, compute_dtype="float32")
+    assert est32.gram_bytes["features.14"] == 8 * (1152 ** 2 + 1152) + 4 * 1152 ** 2
 
 
 def test_image_transform_is_bitwise_torchvision(subset_pixels):

@@ -30,7 +30,9 @@ def _is_int(value: object) -> bool:
 def _pair(value: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
     if _is_int(value):
         return (int(value), int(value))  # type: ignore[arg-type]
-    items = tuple(value)  # type: ignore[arg-type]
+    if not isinstance(value, (tuple, list)):  # bool, float, None: not iterable or not meant as a pair
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    items = tuple(value)
     if len(items) != 2 or not all(_is_int(v) for v in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return (int(items[0]), int(items[1]))

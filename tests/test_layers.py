@@ -186,3 +186,9 @@ def test_low_rank_linear_without_bias_and_bad_factors():
         LowRankLinear.from_factors(linear, torch.randn(2, 6), torch.randn(4, 2))
     with pytest.raises(ValueError, match="rank"):
         LowRankLinear.empty(5, 4, 0)
+
+
+@pytest.mark.parametrize("kwargs", [{"dilation": True}, {"stride": 1.5}, {"padding": None}, {"stride": (1, 2, 3)}])
+def test_bad_geometry_is_a_value_error(kwargs):
+    with pytest.raises(ValueError, match="must be an int or a pair of ints"):
+        Tucker2Conv.empty(5, 7, 3, (4, 3), **kwargs)

@@ -22,10 +22,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no spin-waiting BLAS threads
 
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import tensorly  # noqa: E402
@@ -33,15 +31,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    REPO, base_parser, batches, load_fashion_mnist, log, machine_header, setup, sync, table,
+    REPO, SigmaRun, base_parser, fmt_t, log, machine_header, resnet18_sigmas, run_capped, setup, table,
 )
 
 from sigma_core import (  # noqa: E402
-    CPSigmaConfig, accumulate_sigma, cp_als, cp_als_sigma, cp_max_rank, cp_rank_alpha, cp_rank_from_fraction,
+    CPSigmaConfig, cp_als, cp_als_sigma, cp_max_rank, cp_rank_alpha, cp_rank_from_fraction,
     cp_vbmf_rank, rel_frob_err, rel_sigma_err,
 )
 
-LAYERS = {64: "layer1.0.conv2", 128: "layer2.0.conv2", 256: "layer3.0.conv2"}
 WITHIN = 0.01  # "time to reach within 1 % of the converged rel_sigma_err"
 ALPHA = 0.8
 FRACTION = 0.05
@@ -50,71 +47,10 @@ PARAFAC_CAPS = {64: 120.0, 128: 120.0, 256: 90.0}  # tensorly's ALS is ~6 s/iter
 EXACT_UP_TO = 64  # exact-PCG runs only up to this many channels (time budget)
 
 
-class _TimeUp(Exception):
-    pass
-
-
-@dataclass
-class SigmaRun:
-    """History of one cp_als_sigma run, recorded by its callback."""
-
-    label: str
-    times: list[float] = field(default_factory=list)
-    errors: list[float] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    capped: bool = False
-    converged: bool = False
-    seconds: float = 0.0
-
-    @property
-    def final(self) -> float:
-        return self.errors[-1]
-
-    @property
-    def sweeps(self) -> int:
-        return len(self.errors) - 1
-
-    def time_to(self, target: float) -> float | None:
-        return next((t for t, e in zip(self.times, self.errors) if e <= target), None)
-
-    @property
-    def sweep_seconds(self) -> float | None:
-        s = self.info.get("sweep_seconds", [])[: self.sweeps]
-        return statistics.median(s) if s else None
-
-    @property
-    def cg_per_sweep(self) -> float | None:
-        c = self.info.get("cg_iters", [])[: self.sweeps]
-        return sum(c) / len(c) if c else None
-
-    def monotone(self) -> bool:
-        return all(b <= a * (1 + 1e-12) for a, b in zip(self.errors, self.errors[1:]))
-
-
 def run_sigma(label, kernel, sigma, rank, config: CPSigmaConfig, cap: float, device) -> SigmaRun:
     """cp_als_sigma recording (time, error) after the initial U_T solve and every sweep; stops after ``cap`` s."""
-    run = SigmaRun(label)
-    sync(device)
-    t0 = time.perf_counter()
-
-    def callback(sweep: int, err: float, info: dict) -> None:
-        sync(device)
-        now = time.perf_counter() - t0
-        run.times.append(now)
-        run.errors.append(err)
-        run.info = info
-        if now > cap and sweep < config.max_iter:
-            run.capped = True
-            raise _TimeUp
-
-    try:
-        res = cp_als_sigma(kernel, sigma, rank, config=config, callback=callback)
-        run.converged, run.info = res.converged, res.info
-    except _TimeUp:
-        pass
-    sync(device)
-    run.seconds = time.perf_counter() - t0
-    return run
+    return run_capped(label, lambda cb: cp_als_sigma(kernel, sigma, rank, config=config, callback=cb),
+                      cap=cap, max_iter=config.max_iter, device=device)
 
 
 def run_parafac(kernel, sigma, rank, cap: float):
@@ -125,28 +61,6 @@ def run_parafac(kernel, sigma, rank, cap: float):
     seconds = time.perf_counter() - t0
     approx = res.reconstruct()
     return seconds, res, rel_sigma_err(kernel, approx.to(sigma.device), sigma), rel_frob_err(kernel.cpu(), approx)
-
-
-def collect_sigmas(channels, images: int, image_size: int, batch: int, device):
-    """Sigma of layer{1,2,3}.0.conv2 of resnet18(weights=None, seed 0) on real Fashion-MNIST images."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).to(device).eval()
-    names = [LAYERS[c] for c in channels]
-    x = load_fashion_mnist(images, size=image_size)
-    t0 = time.perf_counter()
-    accs = accumulate_sigma(model, batches(x, batch), names, device=device, compute_dtype=torch.float64)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    modules = dict(model.named_modules())
-    out = {c: (name, modules[name].weight.detach().to(torch.float64), accs[name].finalize(), accs[name].count)
-           for c, name in zip(channels, names)}
-    return out, seconds
-
-
-def fmt_t(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
 def main() -> None:
@@ -179,11 +93,12 @@ def main() -> None:
              ""]
 
     log(f"accumulating Sigma over {images} images ...")
-    sigmas, sigma_seconds = collect_sigmas(channels, images, args.image_size, args.batch, device)
-    lines.append(f"Sigma accumulation for {len(channels)} layers in one pass: {sigma_seconds:.1f} s")
+    sigmas, timings = resnet18_sigmas({c: images for c in channels}, image_size=args.image_size, batch=args.batch,
+                                      device=device)
+    lines.append(f"Sigma accumulation for {len(channels)} layers in one pass: {sum(timings.values()):.1f} s")
     rows = []
     for c in channels:
-        name, kernel, sigma, count = sigmas[c]
+        name, kernel, sigma, count, _ = sigmas[c]
         kernel, sigma = kernel.to(device), sigma.to(device)
         ev = torch.linalg.eigvalsh(sigma)
         r_max, r_vbmf = cp_max_rank(kernel.shape), cp_vbmf_rank(kernel.cpu())

@@ -1,6 +1,6 @@
 """Tucker2-ALS-Sigma vs tensorly's Frobenius ``partial_tucker`` on real-activation Sigma.
 
-    python benchmarks/bench_tucker2.py [--device cpu|cuda] [--quick] [--images N] [--time-scale X]
+    python benchmarks/bench_tucker2.py [--device cpu|cuda] [--quick] [--kron-only] [--images N] [--time-scale X]
 
 Sigma comes from REAL activations: torchvision ``resnet18(weights=None)`` (random init, seed 0; nothing is
 downloaded) on real Fashion-MNIST training images (grey -> 3 channels, resized, normalized), accumulated with
@@ -9,10 +9,14 @@ layers' own kernels are decomposed at ranks (T/2, S/2) and (T/4, S/4).
 
 Sections (stdout; progress on stderr):
   1. Sigma sources: patches, jitter/method of factor_sigma, eigenvalue range.
-  2. One table: per (kernel, ranks), rows for partial_tucker (tol 1e-4 = tensorly default; tol 1e-8) and
-     Tucker2-ALS-Sigma (exact PCG; inexact PCG with 10 steps per sweep) with timings, errors and ratios.
-  3. Ill-conditioned Sigma (cond >= 1e7) on the (128, 128, 3, 3) kernel: Sigma solver error history.
-  4. Step B solver "direct" vs "cg" (the "auto" threshold direct_max_unknowns=1024).
+  2. Kronecker preconditioner fit, legacy (einsum per flip-flop half-step, kept in this file) vs sigma_core's
+     (Sigma rearranged once, one GEMV per half-step), and tucker2_als_sigma's setup time with each: old/new ratios.
+     ``--kron-only`` stops here.
+  3. One table: per (kernel, ranks), rows for partial_tucker (tol 1e-4 = tensorly default; tol 1e-8) and
+     Tucker2-ALS-Sigma (exact PCG; inexact PCG with 10 steps per sweep; at (256, 256, 3, 3) R=(128, 128) also
+     10-step PCG with the legacy fit) with timings, errors and ratios.
+  4. Ill-conditioned Sigma (cond >= 1e7) on the (128, 128, 3, 3) kernel: Sigma solver error history.
+  5. Step B solver "direct" vs "cg" (the "auto" threshold direct_max_unknowns=1024).
 Not a pytest test.
 """
 
@@ -22,109 +26,39 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no spin-waiting BLAS threads
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    base_parser, batches, load_fashion_mnist, log, machine_header, setup, sync, table,
+    SigmaRun, base_parser, fmt_t, log, machine_header, resnet18_sigmas, run_capped, setup, sync, table,
 )
 
 from sigma_core import (  # noqa: E402
-    Tucker2SigmaConfig, accumulate_sigma, factor_sigma, rel_frob_err, rel_sigma_err, tucker2_als, tucker2_als_sigma,
+    Tucker2SigmaConfig, factor_sigma, kronecker_fit, rel_frob_err, rel_sigma_err, tucker2_als, tucker2_als_sigma,
 )
+from sigma_core.decompose import tucker2_sigma  # noqa: E402
+from sigma_core.decompose.tucker2_sigma import _chol_psd  # noqa: E402
 
-LAYERS = {64: "layer1.0.conv2", 128: "layer2.0.conv2", 256: "layer3.0.conv2", 512: "layer4.0.conv2"}
 WITHIN = 0.01  # "time to reach within 1 % of the converged rel_sigma_err"
 # Wall-clock cap per Tucker2-ALS-Sigma run (CPU seconds at --time-scale 1), by channel count.
 CAPS = {64: 8.0, 128: 15.0, 256: 40.0, 512: 60.0}
 
 
-class _TimeUp(Exception):
-    pass
-
-
-@dataclass
-class SigmaRun:
-    """History of one tucker2_als_sigma run, recorded by its callback."""
-
-    label: str
-    times: list[float] = field(default_factory=list)  # seconds since the call, at each recorded error
-    errors: list[float] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    capped: bool = False
-    converged: bool = False
-    seconds: float = 0.0
-
-    @property
-    def final(self) -> float:
-        return self.errors[-1]
-
-    def time_to(self, target: float) -> float | None:
-        for t, e in zip(self.times, self.errors):
-            if e <= target:
-                return t
-        return None
-
-    @property
-    def sweeps(self) -> int:
-        return len(self.errors) - 1
-
-    @property
-    def sweep_seconds(self) -> float | None:
-        s = self.info.get("sweep_seconds", [])[: self.sweeps]
-        return statistics.median(s) if s else None
-
-    @property
-    def cg_per_sweep(self) -> float | None:
-        c = self.info.get("cg_iters", [])[: self.sweeps]
-        return sum(c) / len(c) if c else None
-
-    def monotone(self) -> bool:
-        return all(b <= a * (1 + 1e-12) for a, b in zip(self.errors, self.errors[1:]))
-
-
 def run_sigma(label: str, kernel, sigma, ranks, config: Tucker2SigmaConfig, cap: float,
               device: torch.device) -> SigmaRun:
-    """Run tucker2_als_sigma, recording (time, error) after the initial Step A and after every sweep.
-
-    Stops (by raising from the callback) once ``cap`` seconds have passed; the history so far is kept.
-    """
-    run = SigmaRun(label)
-    sync(device)
-    t0 = time.perf_counter()
-
-    def callback(sweep: int, err: float, info: dict) -> None:
-        sync(device)
-        now = time.perf_counter() - t0
-        run.times.append(now)
-        run.errors.append(err)
-        run.info = info
-        if now > cap and sweep < config.max_iter:
-            run.capped = True
-            raise _TimeUp
-
-    try:
-        res = tucker2_als_sigma(kernel, sigma, ranks, config=config, callback=callback)
-        run.converged = res.converged
-        run.info = res.info
-    except _TimeUp:
-        pass
-    sync(device)
-    run.seconds = time.perf_counter() - t0
-    return run
+    """tucker2_als_sigma recording (time, error) after the initial Step A and every sweep; stops after ``cap`` s."""
+    return run_capped(label, lambda cb: tucker2_als_sigma(kernel, sigma, ranks, config=config, callback=cb),
+                      cap=cap, max_iter=config.max_iter, device=device)
 
 
 def run_frobenius(kernel, sigma, ranks, tol: float, n_iter_max: int = 100, repeats: int = 1,
                   blas_threads: int | None = None):
     """tensorly partial_tucker (via sigma_core.tucker2_als); best-of-``repeats`` time, Sigma and Frobenius errors."""
-    import contextlib
-
     ctx = contextlib.nullcontext()
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits
@@ -138,72 +72,6 @@ def run_frobenius(kernel, sigma, ranks, tol: float, n_iter_max: int = 100, repea
             best = min(best, time.perf_counter() - t0)
     approx = res.reconstruct().to(sigma.device)
     return best, res, rel_sigma_err(kernel, approx, sigma), rel_frob_err(kernel.cpu(), res.reconstruct())
-
-
-# ----------------------------------------------------------------------------------------------- Sigma
-def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, batch: int) -> None:
-    """Set every BatchNorm's running statistics to the data's (cumulative average over ``images``).
-
-    With random init the running stats are (mean 0, var 1), which on real images leaves dead ReLU channels
-    (rank-deficient Sigma) and drifting activation scales; calibrated BN behaves like a trained network's.
-    """
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None
-    model.train()
-    with torch.no_grad():
-        for b in batches(images, batch):
-            model(b)
-    model.eval()
-
-
-def collect_sigmas(channels: list[int], images: int, images_small: int, image_size: int, bn_images: int, batch: int,
-                   device: torch.device) -> tuple[dict, dict]:
-    """Sigma of each chosen layer. Layers with <= 256 channels get ``images_small`` images (they have many patches
-    per image), layer4 gets ``images`` (4x4 = 16 patches per image at 128 px) in a second pass."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).to(device)
-    timings = {}
-    t0 = time.perf_counter()
-    recalibrate_bn(model, load_fashion_mnist(bn_images, size=image_size, offset=50000).to(device), batch)
-    timings["bn_calibration"] = time.perf_counter() - t0
-    x = load_fashion_mnist(max(images, images_small), size=image_size)
-    modules = dict(model.named_modules())
-    out = {}
-    passes = [([c for c in channels if c <= 256], images_small), ([c for c in channels if c > 256], images)]
-    for chans, count in passes:
-        if not chans:
-            continue
-        names = [LAYERS[c] for c in chans]
-        sync(device)
-        t0 = time.perf_counter()
-        accs = accumulate_sigma(model, batches(x[:count].to(device), batch), names, device=device,
-                                compute_dtype=torch.float64,
-                                callback=lambda seen, k=count: log(f"  Sigma: {seen}/{k} images")
-                                if seen % 500 == 0 else None)
-        sync(device)
-        timings[f"{'+'.join(names)} ({count} images)"] = time.perf_counter() - t0
-        for c, name in zip(chans, names):
-            kernel = modules[name].weight.detach().to(torch.float64)
-            out[c] = (name, kernel, accs[name].finalize(), accs[name].count, count)
-    return out, timings
-
-
-def load_or_collect(args, channels, images, images_small, device):
-    if args.sigma_cache and os.path.exists(args.sigma_cache):
-        blob = torch.load(args.sigma_cache)
-        if blob["key"] == [channels, images, images_small, args.image_size, args.bn_images]:
-            log(f"Sigma loaded from {args.sigma_cache}")
-            return {int(c): tuple(v) for c, v in blob["sigmas"].items()}, {"(loaded from cache)": 0.0}
-    sigmas, timings = collect_sigmas(channels, images, images_small, args.image_size, args.bn_images, args.batch,
-                                     device)
-    if args.sigma_cache:
-        torch.save({"key": [channels, images, images_small, args.image_size, args.bn_images],
-                    "sigmas": {c: list(v) for c, v in sigmas.items()}}, args.sigma_cache)
-    return sigmas, timings
 
 
 def blas_threads_for_frobenius(kernel: torch.Tensor, ranks, cores: int) -> tuple[int | None, str]:
@@ -237,37 +105,89 @@ def respread_eigenvalues(sigma: torch.Tensor, cond: float) -> torch.Tensor:
     return 0.5 * (out + out.T)
 
 
-def kronecker_fit_fast(sigma: torch.Tensor, s: int, p: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prototype (NOT in sigma_core) of ``kronecker_fit`` with the same flip-flop iterates: Sigma is rearranged
-    once to R[(s,S),(p,q)] = Sigma[(s,p),(S,q)], then each half-step is one GEMV over R instead of an einsum
-    that re-permutes the whole n x n Sigma every call (~10x faster at n >= 2304)."""
-    from sigma_core.decompose.tucker2_sigma import _chol_psd
-
-    r = sigma.reshape(s, p, s, p).permute(0, 2, 1, 3).reshape(s * s, p * p)
+def kronecker_fit_legacy(sigma: torch.Tensor, s: int, p: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flip-flop fit as sigma_core had it before: each half-step is an einsum over the (S, P, S, P) view of
+    Sigma, which re-permutes the whole n x n Sigma on every call. Kept here only to time it against
+    ``sigma_core``'s :func:`kronecker_fit` (Sigma rearranged once to (S^2, P^2), one GEMV per half-step)."""
+    sig4 = sigma.reshape(s, p, s, p)
     sigma_p = torch.eye(p, dtype=sigma.dtype, device=sigma.device)
     sigma_s = torch.eye(s, dtype=sigma.dtype, device=sigma.device)
     for _ in range(iters):
-        inv_p = torch.cholesky_inverse(_chol_psd(sigma_p))
-        sigma_s = (r @ inv_p.T.reshape(-1)).reshape(s, s) / p
-        inv_s = torch.cholesky_inverse(_chol_psd(sigma_s))
-        sigma_p = (inv_s.T.reshape(1, -1) @ r).reshape(p, p) / s
+        sigma_s = torch.einsum("spSq,qp->sS", sig4, torch.cholesky_inverse(_chol_psd(sigma_p))) / p
+        sigma_p = torch.einsum("spSq,Ss->pq", sig4, torch.cholesky_inverse(_chol_psd(sigma_s))) / s
     return 0.5 * (sigma_s + sigma_s.T), 0.5 * (sigma_p + sigma_p.T)
 
 
-def run_sigma_fast_kron(*args, **kwargs) -> SigmaRun:
-    """run_sigma with sigma_core's kronecker_fit swapped for :func:`kronecker_fit_fast` (restored after)."""
-    import sigma_core.decompose.tucker2_sigma as ts
-
-    original = ts.kronecker_fit
-    ts.kronecker_fit = kronecker_fit_fast
+@contextlib.contextmanager
+def legacy_kron():
+    """Within the block, tucker2_als_sigma uses :func:`kronecker_fit_legacy` (restored after)."""
+    original = tucker2_sigma.kronecker_fit
+    tucker2_sigma.kronecker_fit = kronecker_fit_legacy
     try:
-        return run_sigma(*args, **kwargs)
+        yield
     finally:
-        ts.kronecker_fit = original
+        tucker2_sigma.kronecker_fit = original
 
 
-def fmt_t(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+def run_sigma_legacy_kron(*args, **kwargs) -> SigmaRun:
+    """:func:`run_sigma` with the legacy Kronecker fit."""
+    with legacy_kron():
+        return run_sigma(*args, **kwargs)
+
+
+def _timed(fn, device: torch.device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _setup_seconds(kernel, sigma, legacy: bool) -> float:
+    """``info["setup_seconds"]`` of tucker2_als_sigma (CG solver, ranks (T/2, S/2)) stopped after the first Step A."""
+    ranks = (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    cfg = Tucker2SigmaConfig(solver="cg", max_iter=0)
+    with legacy_kron() if legacy else contextlib.nullcontext():
+        return tucker2_als_sigma(kernel, sigma, ranks, config=cfg).info["setup_seconds"]
+
+
+def kron_comparison(sigmas: dict, channels: list[int], device: torch.device) -> str:
+    """Table: legacy vs sigma_core Kronecker fit (20 iterations) and tucker2_als_sigma setup, per layer.
+
+    Old and new alternate within each repeat (best of 3; 1 at n > 2304) so that load changes hit both alike.
+    """
+    rows = []
+    for c in channels:
+        kernel, sigma = sigmas[c].kernel.to(device), sigmas[c].sigma.to(device)
+        s, p, n = kernel.shape[1], kernel.shape[2] * kernel.shape[3], sigma.shape[0]
+        log(f"Kronecker fit legacy vs new, n={n} ...")
+        fit, setup = {"old": [], "new": []}, {"old": [], "new": []}
+        for _ in range(3 if n <= 2304 else 1):
+            t_old, old = _timed(lambda: kronecker_fit_legacy(sigma, s, p), device)
+            t_new, new = _timed(lambda: kronecker_fit(sigma, s, p), device)
+            fit["old"].append(t_old)
+            fit["new"].append(t_new)
+            setup["old"].append(_setup_seconds(kernel, sigma, legacy=True))
+            setup["new"].append(_setup_seconds(kernel, sigma, legacy=False))
+        diff = max(float((a - b).norm() / b.norm()) for a, b in zip(new, old))
+        f_old, f_new, s_old, s_new = min(fit["old"]), min(fit["new"]), min(setup["old"]), min(setup["new"])
+        rows.append([f"{sigmas[c].name} {tuple(kernel.shape)}", str(n), f"{f_old:.3f}", f"{f_new:.3f}",
+                     f"{f_old / f_new:.1f}", f"{diff:.1e}", f"{s_old:.3f}", f"{s_new:.3f}", f"{s_old / s_new:.2f}",
+                     str(len(fit["old"]))])
+    return table(["layer", "n", "fit legacy s", "fit new s", "fit ratio", "rel diff", "setup legacy s",
+                  "setup new s", "setup ratio", "best of"], rows,
+                 title="Kronecker preconditioner fit (20 flip-flop iterations): legacy einsum per half-step vs "
+                       "sigma_core.kronecker_fit (Sigma rearranged once, one GEMV per half-step); ratio = legacy / "
+                       "new. rel diff: max over (Sigma_S, Sigma_P) of ||new - legacy|| / ||legacy||. setup: "
+                       "tucker2_als_sigma info['setup_seconds'] (K1 Sigma, fit, SVD init, first Step A; solver cg, "
+                       "ranks (T/2, S/2))")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def main() -> None:
@@ -285,6 +205,8 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=200, help="sweep cap of the 'converged' Sigma runs")
     parser.add_argument("--sigma-cache", default=None,
                         help="torch.save file: load Sigma from it if present (same settings), else compute and save")
+    parser.add_argument("--kron-only", action="store_true",
+                        help="only the Sigma sources and the legacy-vs-new Kronecker fit / setup table (section 2)")
     args = parser.parse_args()
     device = setup(args)
     t_start = time.perf_counter()
@@ -306,7 +228,9 @@ def main() -> None:
 
     # ---------------------------------------------------------------- 1. Sigma from real activations
     log("accumulating Sigma ...")
-    sigmas, timings = load_or_collect(args, channels, images, images_small, device)
+    sigmas, timings = resnet18_sigmas({c: images_small if c <= 256 else images for c in channels},
+                                      bn_images=args.bn_images, image_size=args.image_size, batch=args.batch,
+                                      device=device, cache=args.sigma_cache)
     rows = []
     for c in channels:
         name, kernel, sigma, count, nimg = sigmas[c]
@@ -321,7 +245,14 @@ def main() -> None:
                 title="Sigma sources (" + "; ".join(f"{k}: {v:.1f} s" for k, v in timings.items()) + ")"))
     print()
 
-    # ---------------------------------------------------------------- 2. main comparison
+    # ---------------------------------------------------------------- 2. Kronecker fit: legacy vs sigma_core
+    print(kron_comparison(sigmas, channels, device))
+    print()
+    if args.kron_only:
+        print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at end: {_load()}")
+        return
+
+    # ---------------------------------------------------------------- 3. main comparison
     c_cal = 256 if 256 in channels else channels[-1]
     blas, blas_note = blas_threads_for_frobenius(sigmas[c_cal][1], (c_cal // 2, c_cal // 2), torch.get_num_threads())
     print(blas_note)
@@ -348,9 +279,9 @@ def main() -> None:
                 runs.append(run_sigma(label, kernel, sigma, ranks, cfg, caps[c], device))
             ref = min(r.final for r in runs)  # "converged" error: the best either Sigma run reached
             if c == 256 and div == 2:
-                log(f"{tag}: Tucker2-ALS-Sigma PCG 10 steps with the prototype kronecker_fit ...")
-                runs.append(run_sigma_fast_kron(
-                    "PCG 10 steps, fast kron fit*", kernel, sigma, ranks,
+                log(f"{tag}: Tucker2-ALS-Sigma PCG 10 steps with the legacy kronecker_fit ...")
+                runs.append(run_sigma_legacy_kron(
+                    "PCG 10 steps, legacy kron fit*", kernel, sigma, ranks,
                     Tucker2SigmaConfig(solver="cg", cg_steps=10, tol=1e-7, max_iter=args.max_iter), caps[c], device))
             for lab, tt, res, se, fe in (("partial_tucker tol1e-4", t_fd, r_fd, se_fd, fe_fd),
                                          ("partial_tucker tol1e-8", t_ft, r_ft, se_ft, fe_ft)):
@@ -384,8 +315,8 @@ def main() -> None:
     if capped_both:
         print("both Sigma runs hit the time cap for: " + "; ".join(capped_both)
               + " -- there the 'converged' reference is the best error reached within the caps")
-    print("* prototype, not in sigma_core: kronecker_fit_fast in this script (same preconditioner to 1e-14, "
-          "one GEMV per flip-flop half-step)")
+    print("* legacy: kronecker_fit_legacy in this script, the einsum flip-flop sigma_core used before (same "
+          "preconditioner to rounding, see section 2; only the setup differs)")
     if accept:
         print()
         print("acceptance: (256,256,3,3) at ranks (128,128): Sigma reaches within 1% of its converged error in "
@@ -394,7 +325,7 @@ def main() -> None:
             print(line)
     print()
 
-    # ---------------------------------------------------------------- 3. ill-conditioned Sigma
+    # ---------------------------------------------------------------- 4. ill-conditioned Sigma
     name, kernel, sigma_real, _, _ = sigmas[128]
     cond_target = 1e8
     sigma_ill = respread_eigenvalues(sigma_real.to(device), cond_target)
@@ -436,7 +367,7 @@ def main() -> None:
     print(table(heads, hist_rows, title="Error history (sweep 0 = after the initial Step A)"))
     print()
 
-    # ---------------------------------------------------------------- 4. direct vs cg
+    # ---------------------------------------------------------------- 5. direct vs cg
     log("direct vs cg ...")
     dc_rows = []
     sweeps = 10
@@ -466,11 +397,7 @@ def main() -> None:
                 title=f"Step B solver: direct Cholesky of the (S R_S)^2 normal matrix vs exact PCG, {sweeps} sweeps "
                       "each (same iterates up to the CG tolerance); 'auto' uses direct when S*R_S <= 1024"))
     print()
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "?"
-    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at end: {load}")
+    print(f"total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at end: {_load()}")
 
 
 if __name__ == "__main__":

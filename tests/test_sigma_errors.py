@@ -1,11 +1,26 @@
-"""Bad inputs to the Tucker-2 solvers and their config give a clear ValueError that says what is wrong."""
+"""Bad inputs to the decompositions (Tucker-2, CP, SVD) and their configs give a clear ValueError that says
+what is wrong."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sigma_core.decompose import Tucker2SigmaConfig, tucker2_als, tucker2_als_sigma
+from sigma_core.decompose import (
+    CPSigmaConfig,
+    Tucker2SigmaConfig,
+    ag_lra,
+    cp_als,
+    cp_als_sigma,
+    cp_deflation_sigma,
+    fw_lra,
+    row_weighted_tucker2,
+    svd_sigma,
+    svd_truncated,
+    tucker2_als,
+    tucker2_als_sigma,
+    weighted_tucker2,
+)
 
 F64 = torch.float64
 KERNEL_SHAPE = (6, 4, 3, 3)  # n = 36
@@ -101,14 +116,81 @@ def test_sigma_nan_inf(bad):
         (dict(ridge=-1e-3), "ridge and cg_tol must be >= 0"),
         (dict(ridge=float("nan")), "ridge and cg_tol must be >= 0"),
         (dict(cg_tol=-1.0), "ridge and cg_tol must be >= 0"),
+        (dict(tol=float("nan")), "max_iter and tol must be >= 0"),
     ],
 )
-def test_bad_config_values(kwargs, match):
+@pytest.mark.parametrize("config_cls", [Tucker2SigmaConfig, CPSigmaConfig])
+def test_bad_config_values(config_cls, kwargs, match):
+    """Both Sigma solvers' configs share the solver-setting checks and their messages."""
     with pytest.raises(ValueError, match=match):
-        Tucker2SigmaConfig(**kwargs)
+        config_cls(**kwargs)
 
 
 def test_valid_edge_config_runs():
     """The boundary values are accepted: max_iter=0 returns the initial Step A, ridge=0 works on a PD Sigma."""
     res = tucker2_als_sigma(_kernel(), _sigma(), (2, 2), config=Tucker2SigmaConfig(max_iter=0, ridge=0.0))
     assert len(res.errors) == 1 and 0 < res.errors[0] < 1
+
+
+# ---------------------------------------------------------------- non-finite weights, every entry point
+
+# Entry points that do not call sigma_core.decompose._checks yet end in a torch LinAlgError from their SVD (cp_als
+# with an Inf kernel even returns NaN factors without an error); the fix is one line each,
+# ``check_kernel(kernel)`` from sigma_core.decompose._checks. Strict xfail: remove the mark when fixed.
+_NOT_CHECKED = pytest.mark.xfail(strict=True, reason="kernel finiteness not checked yet (not in the shared checks)")
+
+
+def _nan_kernel(bad: float) -> torch.Tensor:
+    kernel = _kernel()
+    kernel[1, 2, 0, 1] = bad
+    return kernel
+
+
+_KERNEL_ENTRY_POINTS = {
+    "tucker2_als_sigma": lambda k: tucker2_als_sigma(k, _sigma(), (2, 2)),
+    "cp_als_sigma": lambda k: cp_als_sigma(k, _sigma(), 2),
+    "cp_deflation_sigma": lambda k: cp_deflation_sigma(k, _sigma(), 2),
+    "tucker2_als": pytest.param(lambda k: tucker2_als(k, (2, 2)), marks=_NOT_CHECKED),
+    "cp_als": pytest.param(lambda k: cp_als(k, 2), marks=_NOT_CHECKED),
+    "weighted_tucker2": pytest.param(lambda k: weighted_tucker2(k, torch.ones_like(k), (2, 2)), marks=_NOT_CHECKED),
+    "fw_lra": pytest.param(lambda k: fw_lra(k, torch.ones_like(k), (2, 2)), marks=_NOT_CHECKED),
+    "ag_lra": pytest.param(lambda k: ag_lra(k, torch.ones(k.shape[0], dtype=F64), (2, 2)), marks=_NOT_CHECKED),
+    "row_weighted_tucker2": pytest.param(lambda k: row_weighted_tucker2(k, torch.ones(k.shape[0], dtype=F64),
+                                                                        (2, 2)), marks=_NOT_CHECKED),
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("solve", list(_KERNEL_ENTRY_POINTS.values()), ids=list(_KERNEL_ENTRY_POINTS))
+def test_non_finite_kernel(solve, bad):
+    """A NaN/Inf kernel is a ValueError naming the problem, not a LinAlgError from deep inside an SVD."""
+    with pytest.raises(ValueError, match=r"kernel contains 1 NaN/Inf entries"):
+        solve(_nan_kernel(bad))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 1, 1)])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_weight_svd(shape, bad):
+    """svd_sigma and the Frobenius svd_truncated reject a non-finite linear weight / 1x1 kernel
+    (svd_truncated used to return an all-NaN factorization with error 0)."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    weight.view(-1)[5] = bad
+    sigma = torch.eye(4, dtype=F64)
+    for solve in (lambda: svd_sigma(weight, sigma, 2), lambda: svd_truncated(weight, 2)):
+        with pytest.raises(ValueError, match=r"weight contains 1 NaN/Inf entries"):
+            solve()
+
+
+def test_complex_kernel_rejected():
+    with pytest.raises(ValueError, match="real tensor"):
+        cp_als_sigma(_kernel().to(torch.complex128), _sigma(), 2)
+
+
+def test_cp_solvers_share_the_kernel_and_sigma_checks():
+    """cp_als_sigma and cp_deflation_sigma give the Tucker-2 solver's messages for a non-4-D kernel and a Sigma
+    of the wrong size (one helper, sigma_core.decompose._checks)."""
+    for solve in (cp_als_sigma, cp_deflation_sigma):
+        with pytest.raises(ValueError, match="4-D"):
+            solve(_kernel()[0], _sigma(), 2)
+        with pytest.raises(ValueError, match=r"needs \(36, 36\)"):
+            solve(_kernel(), _sigma(35), 2)

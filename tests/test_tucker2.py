@@ -217,6 +217,63 @@ def test_kronecker_fit_recovers_exact_kronecker_product():
     assert rel_close(torch.kron(sigma_s, sigma_p), torch.kron(a, b)) < 1e-10
 
 
+def _kronecker_fit_reference(sigma: torch.Tensor, s: int, p: int, iters: int = 20):
+    """The original flip-flop, literally: each half-step contracts the (S, P, S, P) view of Sigma with an einsum."""
+    sig4 = sigma.reshape(s, p, s, p)
+    sigma_p = torch.eye(p, dtype=sigma.dtype)
+    sigma_s = torch.eye(s, dtype=sigma.dtype)
+    for _ in range(iters):
+        sigma_s = torch.einsum("spSq,qp->sS", sig4, torch.linalg.inv(sigma_p)) / p
+        sigma_p = torch.einsum("spSq,Ss->pq", sig4, torch.linalg.inv(sigma_s)) / s
+    return 0.5 * (sigma_s + sigma_s.T), 0.5 * (sigma_p + sigma_p.T)
+
+
+@pytest.mark.parametrize("s,p,iters", [(6, 9, 20), (4, 6, 1), (8, 4, 7)])
+def test_kronecker_fit_equals_reference_flip_flop(s, p, iters):
+    """The GEMV-on-rearranged-Sigma fit returns the old einsum flip-flop's iterates on a random PD Sigma (not a
+    Kronecker product); S != P catches a swapped index order."""
+    gen = torch.Generator().manual_seed(s * 100 + p)
+    a = torch.randn(s * p, 3 * s * p, generator=gen, dtype=F64)
+    sigma = a @ a.T / a.shape[1] + torch.diag(torch.rand(s * p, generator=gen, dtype=F64))
+    sigma_s, sigma_p = kronecker_fit(sigma, s, p, iters=iters)
+    ref_s, ref_p = _kronecker_fit_reference(sigma, s, p, iters=iters)
+    err_s, err_p = rel_close(sigma_s, ref_s), rel_close(sigma_p, ref_p)
+    print(f"kronecker_fit vs reference (S={s}, P={p}, {iters} it): {err_s:.1e}, {err_p:.1e}")
+    assert err_s < 1e-12 and err_p < 1e-12
+
+
+def _pcg_iterations(sigma: torch.Tensor, kernel: torch.Tensor):
+    """Step B from U_S = 0 by PCG with the Kronecker preconditioner and by plain CG, to a 1e-10 residual.
+
+    Returns (PCG iterations, plain CG iterations, relative difference of the PCG and direct solutions)."""
+    layer = _prepare(kernel, sigma, 1e-10, F64)
+    s, p = layer.sp
+    u_t, core, _ = _step_a(layer, _orth(s, 3, torch.Generator().manual_seed(2)), 5)
+    rhs = _step_b_rhs(layer, u_t, core)
+    sigma_s, sigma_p = kronecker_fit(layer.sigma, s, p)
+    pre = _KronPreconditioner(torch.linalg.cholesky(sigma_s), sigma_p, core)
+
+    def solve(precond):
+        return _pcg(lambda x: _step_b_matvec(layer, core, x), precond, rhs, torch.zeros_like(rhs),
+                    tol=1e-10, maxiter=2000)
+
+    (u_pcg, it_pcg), (_, it_cg) = solve(pre), solve(lambda r: r)
+    return it_pcg, it_cg, rel_close(u_pcg, _step_b_direct(layer, u_t, core))
+
+
+def test_kronecker_preconditioner_makes_pcg_converge():
+    """PCG with the fitted preconditioner solves Step B to a 1e-10 residual with fewer iterations than plain CG:
+    on a real Sigma (FMNIST patches, S = 8), and in 1-2 iterations on an exact, ill-conditioned Kronecker Sigma
+    (where ``Sigma_S kron F~`` is the normal operator itself)."""
+    kernel = _random_kernel(12, 8, 3, 3, seed=5)
+    gen = torch.Generator().manual_seed(4)
+    kron = torch.kron(spd_with_condition(8, 1e4, gen), spd_with_condition(9, 1e2, gen))
+    for name, sigma, most in (("real", real_sigma(8), 200), ("kronecker", 0.5 * (kron + kron.T), 2)):
+        it_pcg, it_cg, err = _pcg_iterations(sigma, kernel)
+        print(f"Step B, {name} Sigma: PCG {it_pcg} it, plain CG {it_cg} it, PCG vs direct {err:.1e}")
+        assert it_pcg <= most and it_pcg < it_cg and err < 1e-7
+
+
 # ---------------------------------------------------------------- whole algorithm
 
 

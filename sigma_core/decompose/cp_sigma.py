@@ -21,7 +21,6 @@ systems well scaled. Each update is an exact block minimization, so the error ne
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from typing import NamedTuple
 
 import torch
 
-from sigma_core.covariance import validate_sigma
+from sigma_core.decompose._checks import check_cp_inputs, check_solver_settings
 from sigma_core.decompose._result import CPResult
-from sigma_core.decompose.tucker2_sigma import _chol_psd, _Layer, _pcg, _prepare, kronecker_fit
-from sigma_core.ranks import validate_cp_rank
+from sigma_core.decompose.tucker2_sigma import _chol_psd, _Layer, _pcg, _prepare, _rel, _u_s_solver
 
 __all__ = ["CPSigmaConfig", "cp_als_sigma"]
 
@@ -91,17 +89,7 @@ class CPSigmaConfig:
     balance: bool = True
 
     def __post_init__(self) -> None:
-        if self.solver not in ("auto", "direct", "cg"):
-            raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {self.solver!r}")
-        if self.init not in ("svd", "random"):
-            raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
-        if self.max_iter < 0 or self.cg_maxiter < 1 or self.kron_iters < 1:
-            raise ValueError("max_iter must be >= 0, cg_maxiter and kron_iters >= 1")
-        if not (self.tol >= 0 and self.ridge >= 0 and self.cg_tol >= 0):  # also rejects NaN
-            raise ValueError(f"tol, ridge and cg_tol must be >= 0, got tol={self.tol}, ridge={self.ridge}, "
-                             f"cg_tol={self.cg_tol}")
-        if self.cg_steps is not None and self.cg_steps < 1:
-            raise ValueError(f"cg_steps must be None or >= 1, got {self.cg_steps}")
+        check_solver_settings(self)
 
 
 class _CP(NamedTuple):
@@ -348,11 +336,6 @@ def _init_random(shape: tuple[int, int, int, int], rank: int, generator: torch.G
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def _rel(f: float, layer: _Layer) -> float:
-    """rel_sigma_err from a squared Sigma error ``f`` (clamped at 0 against rounding)."""
-    return math.sqrt(max(f, 0.0) / layer.knorm2) if layer.knorm2 > 0 else 0.0
-
-
 @dataclass
 class _Run:
     """Output of :func:`_als` (internal; mutable while the loop runs)."""
@@ -432,30 +415,11 @@ def _sweep(layer: _Layer, f: _CP, config: CPSigmaConfig, solver: str,
     return f, err, subs, iters
 
 
-def _check_inputs(kernel: torch.Tensor, sigma: torch.Tensor, rank: int) -> int:
-    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
-        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
-    if not (kernel.is_floating_point() and bool(torch.isfinite(kernel).all())):
-        raise ValueError("kernel must be a finite floating-point tensor")
-    rank = validate_cp_rank(tuple(kernel.shape), rank)
-    _, s, h, w = kernel.shape
-    validate_sigma(sigma, s * h * w)
-    return rank
-
-
 def _setup(kernel: torch.Tensor, sigma: torch.Tensor, rank: int, config: CPSigmaConfig,
            dtype: torch.dtype) -> tuple[_Layer, str, tuple[torch.Tensor, torch.Tensor] | None]:
     """Per-layer constants, the U_S solver choice and, for CG, the Kronecker preconditioner factors."""
-    _, s, h, w = kernel.shape
     layer = _prepare(kernel, sigma, config.ridge, dtype)
-    solver = config.solver
-    if solver == "auto":
-        solver = "direct" if s * rank <= config.direct_max_unknowns else "cg"
-    kron = None
-    if solver == "cg":
-        sigma_s, sigma_p = kronecker_fit(layer.sigma, s, h * w, config.kron_iters)
-        kron = (_chol_psd(sigma_s), sigma_p)
-    return layer, solver, kron
+    return (layer, *_u_s_solver(layer, config, rank))
 
 
 def _start(layer: _Layer, rank: int, config: CPSigmaConfig, generator: torch.Generator | None) -> _CP:
@@ -513,7 +477,8 @@ def cp_als_sigma(
     Raises
     ------
     ValueError
-        Non-4-D or non-finite kernel, rank outside ``[1, R_max]``, Sigma not (n, n) with n = S*H*W.
+        Kernel not 4-D or not finite, rank outside ``[1, R_max]``, Sigma not (n, n) with n = S*H*W,
+        non-finite or not symmetric.
 
     Notes
     -----
@@ -522,7 +487,7 @@ def cp_als_sigma(
     mat-vec of 2 n^2 R flops, or one (S R)^3 / 3 Cholesky), two (H R) and (W R) Cholesky solves and
     O(T n R) products with ``K1 Sigma``. The Khatri-Rao Gram matrices of Eqs. 30-33 are never formed.
     """
-    rank = _check_inputs(kernel, sigma, rank)
+    rank = check_cp_inputs(kernel, sigma, rank)
     start_time = time.perf_counter()
     layer, solver, kron = _setup(kernel, sigma, rank, config, dtype)
     start = _start(layer, rank, config, generator)

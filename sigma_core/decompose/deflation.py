@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from sigma_core.decompose._checks import check_cp_inputs
 from sigma_core.decompose._result import CPResult
 from sigma_core.decompose.cp_sigma import (
     CPSigmaConfig,
     _als,
-    _check_inputs,
     _CP,
     _kr,
     _rel,
@@ -79,8 +79,13 @@ def cp_deflation_sigma(
         ``method == "cp-deflation-sigma"``; ``errors[k-1]`` is rel_sigma_err of the sum of the first k terms
         (non-increasing: each term at worst keeps the residual, since its U_T solve can return zero);
         ``converged`` is True when every rank-one run met ``tol``; ``info["sweeps"]`` lists the sweeps per term.
+
+    Raises
+    ------
+    ValueError
+        As :func:`sigma_core.decompose.cp_als_sigma` (bad kernel, rank or Sigma).
     """
-    rank = _check_inputs(kernel, sigma, rank)
+    rank = check_cp_inputs(kernel, sigma, rank)
     start_time = time.perf_counter()
     layer, solver, kron = _setup(kernel, sigma, 1, config, dtype)
     residual = layer

@@ -28,33 +28,13 @@ import time
 import torch
 
 from sigma_core.covariance import factor_sigma, validate_sigma
+from sigma_core.decompose._checks import as_matrix, check_weight
 from sigma_core.decompose._result import LowRankResult
-from sigma_core.ranks import validate_svd_rank
 
 __all__ = ["svd_sigma", "svd_truncated", "as_matrix"]
 
 METHOD_SIGMA = "svd-sigma"
 METHOD_PLAIN = "svd"
-
-
-def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """View a linear weight (out, in) or a 1x1 conv kernel (T, S, 1, 1) as a matrix (out, in).
-
-    Raises
-    ------
-    ValueError
-        For any other shape, e.g. a 3x3 conv kernel: SVD factorizes matrices, use a Tucker-2 or CP method there.
-    """
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() == 2:
-        return weight
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
-        return weight.reshape(weight.shape[0], weight.shape[1])
-    raise ValueError(
-        f"SVD applies to linear weights (out, in) and 1x1 conv kernels (T, S, 1, 1), got shape "
-        f"{tuple(weight.shape)}; factorize larger conv kernels with a Tucker-2 or CP method"
-    )
 
 
 def _tail_ratio(svals: torch.Tensor, rank: int) -> float:
@@ -103,10 +83,15 @@ def svd_sigma(weight: torch.Tensor, sigma: torch.Tensor, rank: int, *,
         ``first = U_r^T W`` (r, in), ``second = U_r`` (out, r) with ``W L = U S V^T``; in the weight's dtype and
         device. ``errors == (rel_sigma_err,)``; ``info`` has the singular values of ``W L``, the factor method
         (``"cholesky"`` or ``"eigen"`` for singular Sigma) and the seconds taken.
+
+    Raises
+    ------
+    ValueError
+        Weight not (out, in) or (T, S, 1, 1) or not finite, rank outside ``[1, min(out, in)]``, Sigma not
+        (in, in), non-finite or not symmetric.
     """
     tic = time.perf_counter()
-    w0 = as_matrix(weight)
-    rank = validate_svd_rank(tuple(w0.shape), rank)
+    w0, rank = check_weight(weight, rank)
     validate_sigma(sigma, w0.shape[1])
     # max_jitter=0: an exact square root (Cholesky of Sigma itself, else the eigen factor), so that W~ is the
     # minimizer for Sigma and not for Sigma + jitter I.
@@ -132,10 +117,14 @@ def svd_truncated(weight: torch.Tensor, rank: int, *, dtype: torch.dtype = torch
     -------
     LowRankResult
         ``first = S_r V_r^T = U_r^T W`` (r, in), ``second = U_r`` (out, r); ``errors == (rel_frob_err,)``.
+
+    Raises
+    ------
+    ValueError
+        Weight not (out, in) or (T, S, 1, 1) or not finite, rank outside ``[1, min(out, in)]``.
     """
     tic = time.perf_counter()
-    w0 = as_matrix(weight)
-    rank = validate_svd_rank(tuple(w0.shape), rank)
+    w0, rank = check_weight(weight, rank)
     w = w0.detach().to(dtype)
     u, svals, _ = torch.linalg.svd(w, full_matrices=False)
     return _result(weight, u[:, :rank], w, svals, rank, METHOD_PLAIN, "rel_frob_err",

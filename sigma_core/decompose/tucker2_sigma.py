@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sigma_core.covariance import validate_sigma
+from sigma_core.decompose._checks import check_solver_settings, check_tucker2_inputs
 from sigma_core.decompose._result import Tucker2Result
-from sigma_core.ranks import validate_tucker2_ranks
 
 __all__ = ["Tucker2SigmaConfig", "tucker2_als_sigma", "kronecker_fit"]
 
@@ -73,19 +72,7 @@ class Tucker2SigmaConfig:
     kron_iters: int = 20
 
     def __post_init__(self) -> None:
-        if self.solver not in ("auto", "direct", "cg"):
-            raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {self.solver!r}")
-        if self.init not in ("svd", "random"):
-            raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
-        if self.max_iter < 0 or self.tol < 0 or self.cg_maxiter < 1 or self.kron_iters < 1:
-            raise ValueError("max_iter and tol must be >= 0, cg_maxiter and kron_iters >= 1")
-        if not (self.ridge >= 0 and self.cg_tol >= 0):  # also rejects NaN
-            raise ValueError(
-                f"ridge and cg_tol must be >= 0, got ridge={self.ridge}, cg_tol={self.cg_tol} "
-                "(a negative ridge makes Sigma indefinite and the reported errors meaningless)"
-            )
-        if self.cg_steps is not None and self.cg_steps < 1:
-            raise ValueError(f"cg_steps must be None or >= 1, got {self.cg_steps}")
+        check_solver_settings(self)
 
 
 @dataclass(frozen=True)
@@ -194,27 +181,42 @@ def _step_b_direct(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor) -> torc
     return torch.cholesky_solve(rhs, _chol_psd(normal)).reshape(s, r_s)
 
 
+def _kron_rearrange(sigma: torch.Tensor, s: int, p: int) -> torch.Tensor:
+    """``R[(s, S), (p, q)] = Sigma[(s, p), (S, q)]``, shape (S*S, P*P): Sigma's Kronecker "rearrangement" (one copy)."""
+    return sigma.reshape(s, p, s, p).permute(0, 2, 1, 3).reshape(s * s, p * p)
+
+
 def kronecker_fit(sigma: torch.Tensor, s: int, p: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximum-likelihood Kronecker fit ``Sigma ~ Sigma_S kron Sigma_P`` by the flip-flop iteration.
 
-    ``Sigma_S = (1/P) sum_{pp'} (Sigma_P^{-1})_{p'p} Sigma_{pp'}`` and symmetrically (design.md, Step B).
+    ``Sigma_S = (1/P) sum_{pp'} (Sigma_P^{-1})_{p'p} Sigma_{pp'}`` and symmetrically (design.md, Step B). Sigma is
+    rearranged once to ``R[(s, S), (p, q)] = Sigma[(s, p), (S, q)]``; then each half-step is one GEMV
+    (``vec(Sigma_S) = R vec(Sigma_P^{-T}) / P``, ``vec(Sigma_P) = R^T vec(Sigma_S^{-T}) / S``, n^2 flops) instead
+    of a contraction that re-permutes the n x n Sigma on every call. Extra memory: one n x n copy.
 
     Parameters
     ----------
     sigma : torch.Tensor, shape (S*P, S*P)
         Positive definite, rows ordered (s, p).
+    s, p : int
+        Channel count S and spatial size P = H*W.
+    iters : int
+        Flip-flop iterations (each one updates Sigma_S, then Sigma_P; the start is Sigma_P = I).
 
     Returns
     -------
     sigma_s : (S, S)
     sigma_p : (P, P)
+        Symmetric; only their product is determined (the scale between them is arbitrary).
     """
-    sig4 = sigma.reshape(s, p, s, p)
+    r = _kron_rearrange(sigma, s, p)
     sigma_p = torch.eye(p, dtype=sigma.dtype, device=sigma.device)
     sigma_s = torch.eye(s, dtype=sigma.dtype, device=sigma.device)
     for _ in range(iters):
-        sigma_s = torch.einsum("spSq,qp->sS", sig4, torch.cholesky_inverse(_chol_psd(sigma_p))) / p
-        sigma_p = torch.einsum("spSq,Ss->pq", sig4, torch.cholesky_inverse(_chol_psd(sigma_s))) / s
+        inv_p = torch.cholesky_inverse(_chol_psd(sigma_p))
+        sigma_s = (r @ inv_p.T.reshape(-1)).reshape(s, s) / p
+        inv_s = torch.cholesky_inverse(_chol_psd(sigma_s))
+        sigma_p = (inv_s.T.reshape(-1) @ r).reshape(p, p) / s
     return 0.5 * (sigma_s + sigma_s.T), 0.5 * (sigma_p + sigma_p.T)
 
 
@@ -264,8 +266,48 @@ def _pcg(
     return x, maxiter
 
 
+def _step_b(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor, u_s: torch.Tensor, config: Tucker2SigmaConfig,
+            kron: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, int]:
+    """Step B: the new U_S (S, R_S), directly (``kron`` None) or by PCG from ``u_s``; returns (U_S, CG iterations)."""
+    if kron is None:
+        return _step_b_direct(layer, u_t, core), 0
+    exact = config.cg_steps is None
+    return _pcg(lambda x: _step_b_matvec(layer, core, x), _KronPreconditioner(kron[0], kron[1], core),
+                _step_b_rhs(layer, u_t, core), u_s,
+                tol=config.cg_tol if exact else 0.0, maxiter=config.cg_maxiter if exact else config.cg_steps)
+
+
 def _rel(f: float, layer: _Layer) -> float:
-    return (f / layer.knorm2) ** 0.5 if layer.knorm2 > 0 else 0.0
+    """rel_sigma_err from a squared Sigma error ``f`` (clamped at 0 against rounding)."""
+    return (max(f, 0.0) / layer.knorm2) ** 0.5 if layer.knorm2 > 0 else 0.0
+
+
+def _u_s_solver(layer: _Layer, config, r_s: int) -> tuple[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The U_S solver for ``S * r_s`` unknowns and, for CG, its Kronecker preconditioner factors.
+
+    Parameters
+    ----------
+    layer : _Layer
+    config : Tucker2SigmaConfig or CPSigmaConfig
+        Uses ``solver``, ``direct_max_unknowns`` and ``kron_iters``.
+    r_s : int
+        Columns of U_S (R_S for Tucker-2, R for CP).
+
+    Returns
+    -------
+    solver : str
+        ``"direct"`` or ``"cg"`` (``"auto"`` resolved).
+    kron : (chol(Sigma_S) (S, S), Sigma_P (P, P)) or None
+        From :func:`kronecker_fit` of the layer's Sigma; None for the direct solver.
+    """
+    s, p = layer.sp
+    solver = config.solver
+    if solver == "auto":
+        solver = "direct" if s * r_s <= config.direct_max_unknowns else "cg"
+    if solver != "cg":
+        return solver, None
+    sigma_s, sigma_p = kronecker_fit(layer.sigma, s, p, config.kron_iters)
+    return solver, (_chol_psd(sigma_s), sigma_p)
 
 
 def tucker2_als_sigma(
@@ -302,22 +344,18 @@ def tucker2_als_sigma(
     Tucker2Result
         ``errors`` holds rel_sigma_err after the initial Step A and after each sweep (non-increasing);
         ``info`` has per-sweep CG iterations and seconds, the solver used and the ridge.
+
+    Raises
+    ------
+    ValueError
+        Kernel not 4-D or not finite, ranks outside ``[1, T] x [1, S]``, Sigma not (n, n) with n = S*H*W,
+        non-finite or not symmetric.
     """
-    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
-        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
+    r_t, r_s = check_tucker2_inputs(kernel, sigma, ranks)
     t, s, h, w = kernel.shape
-    validate_tucker2_ranks(tuple(kernel.shape), ranks)
-    validate_sigma(sigma, s * h * w)
-    r_t, r_s = int(ranks[0]), int(ranks[1])
     start = time.perf_counter()
     layer = _prepare(kernel, sigma, config.ridge, dtype)
-    solver = config.solver
-    if solver == "auto":
-        solver = "direct" if s * r_s <= config.direct_max_unknowns else "cg"
-    chol_s = sigma_p = None
-    if solver == "cg":
-        sigma_s, sigma_p = kronecker_fit(layer.sigma, s, h * w, config.kron_iters)
-        chol_s = _chol_psd(sigma_s)
+    solver, kron = _u_s_solver(layer, config, r_s)
 
     u_s = _init_u_s(layer.k1.reshape(t, s, h, w), r_s, config.init, generator)
     u_t, core, f = _step_a(layer, u_s, r_t)
@@ -329,15 +367,7 @@ def tucker2_als_sigma(
     converged = False
     for sweep in range(1, config.max_iter + 1):
         tic = time.perf_counter()
-        if solver == "direct":
-            new_u_s, iters = _step_b_direct(layer, u_t, core), 0
-        else:
-            pre = _KronPreconditioner(chol_s, sigma_p, core)
-            new_u_s, iters = _pcg(
-                lambda x: _step_b_matvec(layer, core, x), pre, _step_b_rhs(layer, u_t, core), u_s,
-                tol=config.cg_tol if config.cg_steps is None else 0.0,
-                maxiter=config.cg_maxiter if config.cg_steps is None else config.cg_steps,
-            )
+        new_u_s, iters = _step_b(layer, u_t, core, u_s, config, kron)
         # Step A only sees span(U_S): re-orthonormalize for conditioning, the error is unchanged.
         new_u_s = torch.linalg.qr(new_u_s).Q
         new_u_t, new_core, new_f = _step_a(layer, new_u_s, r_t)

@@ -134,12 +134,6 @@ def test_valid_edge_config_runs():
 
 # ---------------------------------------------------------------- non-finite weights, every entry point
 
-# Entry points that do not call sigma_core.decompose._checks yet end in a torch LinAlgError from their SVD (cp_als
-# with an Inf kernel even returns NaN factors without an error); the fix is one line each,
-# ``check_kernel(kernel)`` from sigma_core.decompose._checks. Strict xfail: remove the mark when fixed.
-_NOT_CHECKED = pytest.mark.xfail(strict=True, reason="kernel finiteness not checked yet (not in the shared checks)")
-
-
 def _nan_kernel(bad: float) -> torch.Tensor:
     kernel = _kernel()
     kernel[1, 2, 0, 1] = bad
@@ -150,13 +144,12 @@ _KERNEL_ENTRY_POINTS = {
     "tucker2_als_sigma": lambda k: tucker2_als_sigma(k, _sigma(), (2, 2)),
     "cp_als_sigma": lambda k: cp_als_sigma(k, _sigma(), 2),
     "cp_deflation_sigma": lambda k: cp_deflation_sigma(k, _sigma(), 2),
-    "tucker2_als": pytest.param(lambda k: tucker2_als(k, (2, 2)), marks=_NOT_CHECKED),
-    "cp_als": pytest.param(lambda k: cp_als(k, 2), marks=_NOT_CHECKED),
-    "weighted_tucker2": pytest.param(lambda k: weighted_tucker2(k, torch.ones_like(k), (2, 2)), marks=_NOT_CHECKED),
-    "fw_lra": pytest.param(lambda k: fw_lra(k, torch.ones_like(k), (2, 2)), marks=_NOT_CHECKED),
-    "ag_lra": pytest.param(lambda k: ag_lra(k, torch.ones(k.shape[0], dtype=F64), (2, 2)), marks=_NOT_CHECKED),
-    "row_weighted_tucker2": pytest.param(lambda k: row_weighted_tucker2(k, torch.ones(k.shape[0], dtype=F64),
-                                                                        (2, 2)), marks=_NOT_CHECKED),
+    "tucker2_als": lambda k: tucker2_als(k, (2, 2)),
+    "cp_als": lambda k: cp_als(k, 2),
+    "weighted_tucker2": lambda k: weighted_tucker2(k, torch.ones_like(k), (2, 2)),
+    "fw_lra": lambda k: fw_lra(k, torch.ones_like(k), (2, 2)),
+    "ag_lra": lambda k: ag_lra(k, torch.ones(k.shape[0], dtype=F64), (2, 2)),
+    "row_weighted_tucker2": lambda k: row_weighted_tucker2(k, torch.ones(k.shape[0], dtype=F64), (2, 2)),
 }
 
 

@@ -10,6 +10,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
 
+from sigma_core.decompose._checks import check_kernel
 from sigma_core.decompose._result import CPResult
 from sigma_core.ranks import validate_cp_rank
 
@@ -50,8 +51,7 @@ def cp_als(
         float64 with tensorly's PyTorch backend on the kernel's device and returned balanced, in the kernel's
         dtype, with tensorly's weights folded into the factors.
     """
-    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
-        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
+    check_kernel(kernel)
     rank = validate_cp_rank(tuple(kernel.shape), rank)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")

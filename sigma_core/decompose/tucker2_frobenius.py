@@ -8,6 +8,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import partial_tucker
 
+from sigma_core.decompose._checks import check_kernel
 from sigma_core.decompose._result import Tucker2Result
 from sigma_core.ranks import validate_tucker2_ranks
 
@@ -37,11 +38,10 @@ def tucker2_als(
     Returns
     -------
     Tucker2Result
-        ``metric == "rel_frob_err"``; computed in float64 with tensorly's PyTorch backend on the kernel's device and returned in the
-        kernel's dtype/device.
+        ``metric == "rel_frob_err"``; computed in float64 with tensorly's PyTorch backend on the kernel's
+        device and returned in the kernel's dtype/device.
     """
-    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
-        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
+    check_kernel(kernel)
     validate_tucker2_ranks(tuple(kernel.shape), ranks)
     r_t, r_s = int(ranks[0]), int(ranks[1])
     start = time.perf_counter()

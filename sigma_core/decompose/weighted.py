@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sigma_core.decompose._checks import check_kernel
 from sigma_core.decompose._result import Tucker2Result
 from sigma_core.decompose.tucker2_frobenius import tucker2_als
 from sigma_core.ranks import validate_tucker2_ranks
@@ -92,9 +93,7 @@ class WeightedTucker2Config:
 
 
 def _check_kernel(kernel: torch.Tensor, ranks: tuple[int, int]) -> tuple[int, int]:
-    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
-        raise ValueError(f"kernel must be a 4-D tensor (T, S, H, W), got {getattr(kernel, 'shape', kernel)}")
-    return validate_tucker2_ranks(tuple(kernel.shape), ranks)
+    return validate_tucker2_ranks(check_kernel(kernel), ranks)
 
 
 def _normalized_sq_weights(weights: torch.Tensor, shape: torch.Size, min_weight: float,

@@ -10,6 +10,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test (modules opt in with ``pytest.mark.usefixtures("single_thread")``): tiny
+    kernels on a shared 2-core machine are ~40x slower with spinning OpenMP threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def vgg_weights(tmp_path_factory):
     """Random-init vgg-fmnist weights (a few BatchNorm updates) saved as safetensors: a real model file for

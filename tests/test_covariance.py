@@ -26,7 +26,8 @@ from sigma_core.covariance import (
 S_IN, T_OUT = 8, 6
 
 # padding='same' with an even kernel is a deliberate case (asymmetric padding), not a mistake.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+              pytest.mark.usefixtures("single_thread")]  # small kernels on a shared 2-core machine
 
 # Conv-under-test variants (8 -> 6): every padding mode, 'same' (odd and even kernels), stride, dilation.
 CONV_VARIANTS = {
@@ -43,13 +44,6 @@ CONV_VARIANTS = {
     "nonsquare_3x5": dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
 }
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -42,12 +42,8 @@ from sigma_core.ranks import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small kernels on a shared 2-core machine: one torch thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- explicit algebra (no sigma_core code)

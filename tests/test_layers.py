@@ -13,13 +13,8 @@ from sigma_core.decompose._result import Tucker2Result
 from sigma_core.layers import CPConv, LowRank1x1Conv, LowRankLinear, Tucker2Conv, module_from_spec
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny convs on a shared 2-core machine: spinning OpenMP threads make each call ~40x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small kernels on a shared 2-core machine: one torch thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _random_result(t: int, s: int, kh: int, kw: int, ranks: tuple[int, int], seed: int = 0,

@@ -26,12 +26,8 @@ F64 = torch.float64
 KERNEL_SHAPE = (6, 4, 3, 3)  # n = 36
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small kernels on a shared 2-core machine: one torch thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _kernel() -> torch.Tensor:

@@ -19,13 +19,8 @@ from sigma_core.surgery import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny ops on a shared 2-core machine: spinning OpenMP threads make each call much slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small kernels on a shared 2-core machine: one torch thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _Net(nn.Module):

@@ -125,12 +125,7 @@ def plot_accuracy_vs_compression(baseline: dict, points: Sequence[dict], path: s
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- #
@@ -202,12 +197,7 @@ def _panel_plot(panels: dict[str, dict[str, list[dict]]], baseline_top1: float |
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def _n_label(p: dict, many_n: bool) -> str:
@@ -264,12 +254,7 @@ def plot_sweep_by_n(rows: Sequence[dict], path: str | Path, title: str = "") -> 
     ax.set_title(title or "accuracy vs Sigma sample size", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def _baseline_top1(rows: Sequence[dict]) -> float | None:
@@ -374,3 +359,15 @@ def method_comparison(points: Sequence[dict], method: str = "tucker2-als-sigma",
             f"{mine['top1_drop']:.2f} vs {ref['top1_drop']:.2f} points (ratio {ratio:.2f})"
         )
     return lines
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it atomically as PNG (a killed run leaves no half-written plot) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

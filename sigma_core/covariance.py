@@ -245,7 +245,11 @@ class SigmaAccumulator:
         self._kernel = tuple(int(k) for k in kernel) if kernel is not None and kernel[1] * kernel[2] > 1 else None
         self._edges = _block_edges(self.n)
         self._gram = torch.zeros(n, n, dtype=torch.float64, device=device)  # internal order, upper blocks only
-        self._gram32: torch.Tensor | None = None  # float32 partial sums not yet in _gram (float32 compute)
+        # float32 partial sums not yet in _gram (float32 compute). Allocated here, not lazily: a first update
+        # under torch.inference_mode (SigmaCapture) would make it an inference tensor that the in-place flush
+        # outside that mode may not touch.
+        self._gram32 = (torch.zeros(n, n, dtype=torch.float32, device=device)
+                        if compute_dtype == torch.float32 else None)
         self._pending = 0  # patches in _gram32
         self._total = torch.zeros(n, dtype=torch.float64, device=device)  # internal order
         self.count = 0
@@ -325,8 +329,6 @@ class SigmaAccumulator:
         if self.compute_dtype == torch.float64:
             _add_upper_gram(self._gram, u, self._edges)
         else:
-            if self._gram32 is None:
-                self._gram32 = torch.zeros(self.n, self.n, dtype=torch.float32, device=self.device)
             _add_upper_gram(self._gram32, u, self._edges)
             self._pending += int(u.shape[0])
             if self._pending >= _FLUSH_ROWS:

@@ -505,6 +505,20 @@ def test_capture_several_layers_one_pass(net_and_images, stop_early):
     assert all(not layer._forward_pre_hooks for layer in cap.layers.values())
 
 
+def test_float32_capture_reads_outside_inference_mode(net_and_images):
+    """SigmaCapture feeds under torch.inference_mode; the float32 partial Gram must still flush outside it."""
+    net, x = net_and_images
+    accs = accumulate_sigma(net, x.split(16), ["conv1", "conv2", "fc"], compute_dtype=torch.float32)
+    expected = _expected_sigmas(net, x)
+    for name, acc in accs.items():
+        state = acc.state_dict()  # flushes the pending float32 sums
+        assert state["count"] == acc.count and not torch.is_inference(state["gram"])
+        assert rel_close(acc.finalize(), expected[name]) < 1e-5, name
+        other = SigmaAccumulator(acc.n, compute_dtype=torch.float32)
+        other.merge(acc)
+        assert rel_close(other.finalize(), expected[name]) < 1e-5, name
+
+
 def test_accumulate_sigma_max_samples_and_tuples(net_and_images):
     net, x = net_and_images
     net.train()

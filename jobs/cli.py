@@ -183,7 +183,7 @@ def compress_config(args):
     """Build a :class:`pipeline.runner.CompressConfig` from parsed flags."""
     from pipeline.compress import SigmaSource
     from pipeline.data import DatasetSpec
-    from pipeline.methods import SolverOptions, get_method
+    from pipeline.methods import SolverOptions
     from pipeline.models import REFERENCE_MODELS
     from pipeline.runner import CompressConfig
 
@@ -196,11 +196,6 @@ def compress_config(args):
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
     )
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if args.ranks is not None:
-        cp = [m for m in methods if get_method(m).family == "cp"]
-        if cp:
-            raise ValueError(f"--ranks R_T,R_S are Tucker-2 ranks; for the CP methods {', '.join(cp)} give "
-                             "--cp-rank R (or --alpha / --fraction)")
     return CompressConfig(
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,

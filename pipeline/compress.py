@@ -22,7 +22,7 @@ from pipeline.data import DatasetSpec, make_loader, sample_subset
 from pipeline.evaluate import evaluate
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
-from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint
+from pipeline.sigma_cache import SigmaCache, SigmaKey, fetch_sigmas, model_fingerprint
 from sigma_core import (
     RankRule,
     accumulate_sigma,
@@ -94,36 +94,22 @@ def compute_sigmas(
     layer_names = list(layer_names)
     key = SigmaKey(model_fingerprint(model), source.dataset.identity(), source.n_samples, source.seed,
                    source.centered)
-    whole_key = key.for_layers(layer_names)
-    info = {"key": whole_key, "images": source.n_samples}
-    if cache is not None:
-        hit = cache.load(whole_key, layer_names)  # a whole-set entry (older runs) or an index of per-layer entries
-        if hit is not None:
-            return hit, {**info, "cached": True, "seconds": 0.0, "cached_layers": layer_names, "computed_layers": []}
-    # One layer: its per-layer key is the whole-set key, just tried.
-    cached = cache.load_layers(key, layer_names, whole=False) if cache is not None and len(layer_names) > 1 else {}
-    missing = [name for name in layer_names if name not in cached]
-    tic = time.perf_counter()
-    computed, patches = {}, {}
-    if missing:
-        dataset = source.dataset.build(cache_dir=data_cache_dir)
-        subset = sample_subset(dataset, source.n_samples, source.seed)
+    run: dict = {"source": source.identity(), "weights": key.weights_hash}
+
+    def compute(missing: list[str]) -> dict[str, torch.Tensor]:
+        tic = time.perf_counter()
+        subset = sample_subset(source.dataset.build(cache_dir=data_cache_dir), source.n_samples, source.seed)
         loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
-        model = model.to(device)
         with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
-            accs = accumulate_sigma(model, loader, missing, device=device,
+            accs = accumulate_sigma(model.to(device), loader, missing, device=device,
                                     callback=lambda seen: bar.update(seen - bar.n))
-        computed = {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
-        patches = {name: acc.count for name, acc in accs.items()}
-    info.update(cached=not missing, seconds=time.perf_counter() - tic,
-                cached_layers=[name for name in layer_names if name in cached], computed_layers=missing,
-                patches=patches)
-    if cache is not None:
-        description = {"source": source.identity(), "weights": key.weights_hash}
-        if computed:
-            cache.save_layers(key, computed, {**description, "seconds": info["seconds"], "patches": patches})
-        cache.save_index(key, layer_names, description)
-    sigmas = {name: cached[name] if name in cached else computed[name] for name in layer_names}
+        run.update(seconds=time.perf_counter() - tic, patches={name: acc.count for name, acc in accs.items()})
+        return {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
+
+    sigmas, computed = fetch_sigmas(cache, key, layer_names, compute, run)
+    info = {"key": key.for_layers(layer_names), "images": source.n_samples, "cached": not computed,
+            "seconds": run.get("seconds", 0.0), "cached_layers": [n for n in layer_names if n not in computed],
+            "computed_layers": computed, "patches": run.get("patches", {})}
     return sigmas, info
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, sample_subset
 from pipeline.models import build_model
-from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint
+from pipeline.sigma_cache import SigmaCache, SigmaKey, fetch_sigmas, model_fingerprint
 from sigma_core.covariance import SigmaAccumulator, SigmaCapture, factor_sigma, layer_patches, patch_dim
 
 if TYPE_CHECKING:
@@ -416,9 +416,9 @@ def estimate_actor_memory(
     im2col = 0
     for name, n in dims.items():
         m = batch_size * patches[name]
-        # unfold output + its transposed copy (+ the compute-dtype copy when it differs) + float32 Gram temporaries.
-        per = m * n * (2 * act + (comp if comp != act else 0))
-        per += n * n * (4 + 8) if comp == 4 else 0
+        # SigmaAccumulator.update_input: the padded NHWC copy of the input (at most m x n activations) and one
+        # gather copy in the compute dtype; the block Gram products accumulate in place (gram_bytes).
+        per = m * n * (act + comp)
         im2col = max(im2col, per)
     in_elems = int(np.prod(input_shape))
     activations = batch_size * (in_elems * (4 + act) + 3 * largest * act)
@@ -978,8 +978,6 @@ def ray_compute_sigmas(
                             memory_budget_bytes=memory_budget_bytes, compute_dtype=compute_dtype,
                             cpus_per_actor=cpus_per_actor, factor=factor, progress=progress)
     layer_names = list(layer_names)
-    if not layer_names:
-        raise ValueError("layer_names is empty: choose at least one layer")
     if isinstance(cache, (str, os.PathLike)):
         cache = SigmaCache(cache)
     tic = time.perf_counter()
@@ -987,29 +985,25 @@ def ray_compute_sigmas(
     plan = _plan_source(source, config.batch_size, data_cache_dir)
     key = SigmaKey(model_fingerprint(model), plan.identity, plan.n_samples, plan.seed, plan.centered)
     info: dict = {"key": key.for_layers(layer_names), "images": plan.n_samples}
-    cached = cache.load_layers(key, layer_names) if cache is not None else {}
-    missing = [name for name in layer_names if name not in cached]
-    info.update(cached=not missing, cached_layers=[n for n in layer_names if n in cached], computed_layers=missing)
-    computed: dict[str, torch.Tensor] = {}
-    if missing:
+
+    def compute(missing: list[str]) -> dict[str, torch.Tensor]:
         estimate = estimate_actor_memory(model, missing, tuple(plan.probe.shape), plan.batch_size,
                                          config.compute_dtype)
         if config.memory_budget_bytes is not None:  # fail before starting anything
             check_memory(estimate, config.memory_budget_bytes, compute_dtype=config.compute_dtype)
-        del model  # the actors build their own copies
         _ensure_ray()
         budget = config.memory_budget_bytes or _default_budget(config.num_actors)
         check_memory(estimate, budget, compute_dtype=config.compute_dtype)
-        computed, run_info = _compute(model_spec, missing, plan, config, estimate)
+        computed, run_info = _compute(model_spec, missing, plan, config, estimate)  # actors build their own models
         info.update(run_info, memory={"estimate_bytes": estimate.total, "budget_bytes": int(budget),
                                       "describe": estimate.describe()})
-        if cache is not None:
-            description = {"source": plan.identity, "n": plan.n_samples, "seed": plan.seed,
-                           "centered": plan.centered, "weights": key.weights_hash}
-            cache.save_layers(key, computed, description)
-            # Readers of the whole-set key (sweep trials) follow a small index to the per-layer entries.
-            cache.save_index(key, layer_names, {**description, "backend": "ray"})
-    sigmas = {name: cached[name] if name in cached else computed[name] for name in layer_names}
+        return computed
+
+    description = {"source": plan.identity, "n": plan.n_samples, "seed": plan.seed, "centered": plan.centered,
+                   "weights": key.weights_hash, "backend": "ray"}
+    sigmas, computed = fetch_sigmas(cache, key, layer_names, compute, description)
+    info.update(cached=not computed, cached_layers=[n for n in layer_names if n not in computed],
+                computed_layers=computed)
     if config.factor:
         _ensure_ray()
         info["factors"] = _factors(sigmas)

@@ -114,12 +114,15 @@ class CompressConfig:
         self._check_extras()
 
     def _check_cp_rank(self) -> None:
+        cp = [m for m in self.methods if get_method(m).family == "cp"]
+        if self.ranks is not None and cp:
+            raise ValueError(f"ranks (R_T, R_S) are Tucker-2 ranks; for the CP methods {', '.join(cp)} give "
+                             "cp_rank R (--cp-rank R), alphas or a fraction")
         if self.cp_rank is None:
             return
         if self.ranks is not None or self.fraction is not None:
             raise ValueError("give only one of ranks, fraction and cp_rank")
-        if isinstance(self.cp_rank, bool) or not isinstance(self.cp_rank, int) or self.cp_rank < 1:
-            raise ValueError(f"cp_rank must be an integer >= 1, got {self.cp_rank!r}")
+        RankRule(cp_rank=self.cp_rank)  # validates the value
         not_cp = [m for m in self.methods if get_method(m).family != "cp"]
         if not_cp:
             raise ValueError(f"cp_rank is a CP rank but methods {not_cp} are not CP methods; use ranks / fraction "

@@ -42,7 +42,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +52,7 @@ from torch import nn
 
 from pipeline._io import atomic_path
 
-__all__ = ["SigmaCache", "SigmaKey", "model_fingerprint", "sigma_key"]
+__all__ = ["SigmaCache", "SigmaKey", "fetch_sigmas", "model_fingerprint", "sigma_key"]
 
 _FORMAT = "sigma-cache/2"
 _DATA_SUFFIX = ".safetensors"
@@ -222,6 +222,36 @@ class SigmaCache:
                 found[name] = hit[name]
         return found
 
+    def fetch(self, key: SigmaKey, layers: Sequence[str],
+              compute: Callable[[list[str]], Mapping[str, torch.Tensor]],
+              description: Mapping) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Sigmas of ``layers``: read what the cache has, compute the rest in one call, save it per layer.
+
+        A whole-set entry (of an older run, or an index whose parts are all intact) answers at once. Otherwise
+        the per-layer entries found are read, ``compute(missing)`` returns the others, which are written one
+        entry each, and an index makes the whole-set key ``key.for_layers(layers)`` resolve to the parts.
+        ``description`` is read after ``compute`` returns (so that ``compute`` may add its own facts to it).
+
+        Returns
+        -------
+        sigmas : dict of str to torch.Tensor
+            In the order of ``layers``.
+        computed : list of str
+            The layers ``compute`` produced (empty when everything came from the cache).
+        """
+        layers = list(layers)
+        whole = self.load(key.for_layers(layers), layers)
+        if whole is not None:
+            return whole, []
+        # One layer: its per-layer key is the whole-set key, just tried.
+        cached = self.load_layers(key, layers, whole=False) if len(layers) > 1 else {}
+        missing = [name for name in layers if name not in cached]
+        computed = dict(compute(missing)) if missing else {}
+        if computed:
+            self.save_layers(key, computed, description)
+        self.save_index(key, layers, description)
+        return {name: cached[name] if name in cached else computed[name] for name in layers}, missing
+
     def save_layers(self, key: SigmaKey, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> list[str]:
         """Write one entry per layer (so later runs with other layer sets reuse them). Returns the data paths."""
         return [self.save(key.for_layers([name]), {name: sigma}, {**dict(description), "layer": name})
@@ -326,3 +356,17 @@ def _as_float64_cpu(name: str, sigma: torch.Tensor) -> torch.Tensor:
         shape = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
         raise ValueError(f"Sigma of layer {name} must be a square 2-D tensor, got {shape}")
     return sigma.detach().to(device="cpu", dtype=torch.float64).contiguous()
+
+
+def fetch_sigmas(cache: SigmaCache | None, key: SigmaKey, layers: Sequence[str],
+                 compute: Callable[[list[str]], Mapping[str, torch.Tensor]],
+                 description: Mapping) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """:meth:`SigmaCache.fetch`, or without a cache ``compute(layers)``: the one cache policy of both Sigma paths
+    (single process, ``pipeline.compress.compute_sigmas``; Ray Data, ``pipeline.ray_sigma.ray_compute_sigmas``)."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layer_names is empty: choose at least one layer")
+    if cache is None:
+        computed = dict(compute(layers))
+        return {name: computed[name] for name in layers}, layers
+    return cache.fetch(key, layers, compute, description)

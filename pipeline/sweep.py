@@ -508,11 +508,7 @@ def _compute_sigmas(config: SweepConfig, model, layers, source: SigmaSource, cac
     sigmas, info = ray_sigma.ray_compute_sigmas(
         model, list(layers), source, num_actors=config.num_actors, use_gpu=config.gpus_per_trial > 0,
         batch_size=config.sigma_batch_size, cache=cache, progress=config.progress, data_cache_dir=data_cache)
-    # Trials read the whole-set key info["key"]: ray_compute_sigmas writes an index there when it computes; a set
-    # assembled from per-layer entries cached by separate runs still needs one (a full copy, as the key is a str).
-    if cache.load(info["key"], layers) is None:
-        cache.save(info["key"], sigmas, {"source": source.identity(), "layers": list(layers), "backend": "ray"})
-    return sigmas, info
+    return sigmas, info  # the whole-set key info["key"] that the trials read resolves (SigmaCache.fetch)
 
 
 def _baseline(config: SweepConfig, model, fingerprint: str, input_shape, out: Path) -> dict:

@@ -220,5 +220,16 @@ def test_cp_rank_config_errors(tmp_path):
         _config(tmp_path, None, methods=("tucker2-als",), cp_rank=4)
     with pytest.raises(ValueError, match="only one of"):
         _config(tmp_path, None, methods=("cp-als",), cp_rank=4, fraction=0.5)
-    with pytest.raises(ValueError, match="integer >= 1"):
+    with pytest.raises(ValueError, match="int >= 1"):
         _config(tmp_path, None, methods=("cp-als",), cp_rank=0)
+
+
+def test_compute_sigmas_needs_layers(vgg_weights):
+    model = build_model("vgg-fmnist", weights=vgg_weights).eval()
+    with pytest.raises(ValueError, match="layer_names is empty"):
+        compute_sigmas(model, [], SigmaSource(DatasetSpec("fashion-mnist"), n_samples=4), progress=False)
+
+
+def test_tucker2_ranks_for_cp_methods_are_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="Tucker-2 ranks"):
+        _config(tmp_path, None, methods=("cp-als-sigma",), ranks=(8, 8))

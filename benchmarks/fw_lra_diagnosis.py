@@ -104,9 +104,10 @@ def main() -> None:
     rule = RankRule(alpha=args.alpha)
     dense = _top1(model, args)
     rows, results = [], {m: {} for m in METHODS}
+    weights = {name: get_module(model, name).weight.detach().to(torch.float64) for name in layers}
+    ranks_of = {name: tuple(rule.resolve(w)) for name, w in weights.items()}
     for name in layers:
-        weight = get_module(model, name).weight.detach().to(torch.float64)
-        ranks = tuple(rule.resolve(weight))
+        weight, ranks = weights[name], ranks_of[name]
         top1pc, pr = _concentration(fisher[name])
         row = [name, "x".join(map(str, weight.shape)), f"{ranks[0]},{ranks[1]}", f"{100 * top1pc:.1f}", f"{pr:.3f}"]
         errs = {}
@@ -132,11 +133,9 @@ def main() -> None:
     print(table(["method", "top-1 % (all layers)"], full, title=f"Whole model, alpha={args.alpha:g}"))
     floor_rows = []
     for floor in (float(x) for x in args.floors.split(",")):
-        res = {name: _decompose("fw-lra", get_module(model, name).weight.detach().to(torch.float64), None,
-                                fisher[name], tuple(rule.resolve(get_module(model, name).weight)), floor)
+        res = {name: _decompose("fw-lra", weights[name], None, fisher[name], ranks_of[name], floor)
                for name in layers}
-        mean_sig = sum(rel_sigma_err(get_module(model, n).weight.detach().double(), r.reconstruct(), sigmas[n])
-                       for n, r in res.items()) / len(res)
+        mean_sig = sum(rel_sigma_err(weights[n], r.reconstruct(), sigmas[n]) for n, r in res.items()) / len(res)
         floor_rows.append([f"{floor:g}", f"{mean_sig:.3f}", f"{_top1(_swap(model, res), args):.2f}"])
         log(f"floor {floor:g} done")
     print(table(["FW-LRA min_weight", "mean rel_sigma_err", "top-1 %"], floor_rows,

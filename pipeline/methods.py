@@ -25,7 +25,7 @@ from sigma_core import (
     tucker2_als_sigma,
 )
 
-from sigma_core import LowRank1x1Conv, LowRankLinear, WeightedTucker2Config, ag_lra, fw_lra, svd_sigma, svd_truncated
+from sigma_core import INITS, LowRank1x1Conv, LowRankLinear, WeightedTucker2Config, ag_lra, fw_lra, svd_sigma, svd_truncated
 
 __all__ = ["Method", "METHODS", "get_method", "SolverOptions", "tucker2_ranks", "cp_ranks", "svd_ranks", "STATISTICS"]
 
@@ -50,8 +50,8 @@ class SolverOptions:
     cp_init: str = "svd"
 
     def __post_init__(self) -> None:
-        if self.cp_init not in ("svd", "random"):
-            raise ValueError(f"cp_init must be 'svd' or 'random', got {self.cp_init!r}")
+        if self.cp_init not in INITS:
+            raise ValueError(f"cp_init must be one of {INITS}, got {self.cp_init!r}")
         if self.max_iter < 0 or not self.tol >= 0:
             raise ValueError(f"max_iter must be >= 0 and tol >= 0, got max_iter={self.max_iter}, tol={self.tol}")
 

@@ -177,9 +177,11 @@ class SigmaCache:
         data_path, meta_path = self._paths(key)
         if not self._exists(meta_path):
             return None
+        bad = data_path
         try:
             meta = json.loads(self._read_bytes(meta_path))
             if isinstance(meta, dict) and meta.get("kind") == "index":
+                bad = meta_path  # an index has no data file: the JSON itself is what is broken
                 parts = self._index_parts(key, meta, layers)
                 return self._load_parts(parts, meta_path)
             sigmas = self._read_verified(data_path, meta)
@@ -187,7 +189,7 @@ class SigmaCache:
             if missing:
                 raise ValueError(f"missing layers {sorted(missing)}")
         except Exception as exc:  # noqa: BLE001 -- any unreadable entry is treated the same: recompute
-            warnings.warn(f"Sigma cache entry {self._uri(data_path)} is corrupt ({exc}); recomputing it",
+            warnings.warn(f"Sigma cache entry {self._uri(bad)} is corrupt ({exc}); recomputing it",
                           stacklevel=2)
             return None
         return {name: sigmas[name] for name in layers}
@@ -285,6 +287,8 @@ class SigmaCache:
         sigma = SigmaKey(str(fields["weights_hash"]), dict(fields["dataset_identity"]), int(fields["n_samples"]),
                          int(fields["seed"]), bool(fields["centered"]))
         indexed = [str(name) for name in meta["layers"]]
+        if len(indexed) < 2:  # save_index writes none for one layer; one would point at itself
+            raise ValueError(f"an index must list >= 2 layers, got {indexed}")
         if sigma.for_layers(indexed) != key:
             raise ValueError("index does not hash to its key")
         missing = set(layers) - set(indexed)

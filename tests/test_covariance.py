@@ -289,7 +289,7 @@ def test_update_input_equals_unfold_gram(case, block_cols):
     assert rel_close(acc.finalize(centered=True), torch.cov(u.T, correction=0)) < 1e-12
 
 
-def test_block_edges_cover_uneven_n(monkeypatch):
+def test_block_edges_cover_uneven_n():
     """k = min(4, n // 288) blocks of sizes differing by at most 1, for n not divisible by k."""
     for n, k in ((1, 1), (287, 1), (577, 2), (1179, 4), (4608, 4)):
         edges = covariance._block_edges(n)

@@ -103,7 +103,7 @@ def test_sigma_nan_inf(bad):
     "kwargs,match",
     [
         (dict(solver="lu"), "solver must be 'auto', 'direct' or 'cg'"),
-        (dict(init="zeros"), "init must be 'svd' or 'random'"),
+        (dict(init="zeros"), r"init must be one of \('svd', 'random'\)"),
         (dict(max_iter=-1), "max_iter and tol must be >= 0"),
         (dict(tol=-1e-3), "max_iter and tol must be >= 0"),
         (dict(cg_maxiter=0), "cg_maxiter and kron_iters >= 1"),

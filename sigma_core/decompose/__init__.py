@@ -1,5 +1,6 @@
 """Decompositions of conv kernels; each returns a frozen result dataclass."""
 
+from sigma_core.decompose._checks import INITS
 from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result
 from sigma_core.decompose.cp_frobenius import cp_als
 from sigma_core.decompose.cp_sigma import CPSigmaConfig, cp_als_sigma
@@ -19,4 +20,5 @@ from sigma_core.decompose.weighted import (
 __all__ = ["Tucker2Result", "Tucker2SigmaConfig", "kronecker_fit", "tucker2_als", "tucker2_als_sigma"]
 __all__ += ["LowRankResult", "svd_sigma", "svd_truncated"]
 __all__ += ["WeightedTucker2Config", "ag_lra", "fw_lra", "row_weighted_tucker2", "weighted_rel_err", "weighted_tucker2"]
+__all__ += ["INITS"]
 __all__ += ["CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma"]

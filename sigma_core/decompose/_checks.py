@@ -12,9 +12,19 @@ from sigma_core.covariance import validate_sigma
 from sigma_core.ranks import validate_cp_rank, validate_svd_rank, validate_tucker2_ranks
 
 __all__ = [
-    "as_matrix", "check_finite", "check_kernel", "check_weight", "check_tucker2_inputs", "check_cp_inputs",
+    "INITS", "check_init", "as_matrix", "check_finite", "check_kernel", "check_weight", "check_tucker2_inputs", "check_cp_inputs",
     "check_solver_settings",
 ]
+
+
+# Initializations of the ALS solvers (Tucker-2 and CP, Sigma and Frobenius): deterministic SVD-based or seeded random.
+INITS = ("svd", "random")
+
+
+def check_init(init: str, name: str = "init") -> None:
+    """Reject an initialization that is not one of :data:`INITS` (``name`` is the setting's name in messages)."""
+    if init not in INITS:
+        raise ValueError(f"{name} must be one of {INITS}, got {init!r}")
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -154,8 +164,7 @@ def check_solver_settings(config) -> None:
     """
     if config.solver not in ("auto", "direct", "cg"):
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {config.solver!r}")
-    if config.init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {config.init!r}")
+    check_init(config.init)
     if not (config.max_iter >= 0 and config.tol >= 0) or config.cg_maxiter < 1 or config.kron_iters < 1:
         raise ValueError(f"max_iter and tol must be >= 0, cg_maxiter and kron_iters >= 1, got max_iter="
                          f"{config.max_iter}, tol={config.tol}, cg_maxiter={config.cg_maxiter}, "

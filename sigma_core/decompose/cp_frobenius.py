@@ -10,7 +10,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
 
-from sigma_core.decompose._checks import check_kernel
+from sigma_core.decompose._checks import check_init, check_kernel
 from sigma_core.decompose._result import CPResult
 from sigma_core.ranks import validate_cp_rank
 
@@ -53,8 +53,7 @@ def cp_als(
     """
     check_kernel(kernel)
     rank = validate_cp_rank(tuple(kernel.shape), rank)
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    check_init(init)
     start = time.perf_counter()
     k = kernel.detach().to(torch.float64)
     # tensorly's PyTorch backend, scoped to this call (as for the Tucker-2 baseline): numpy's OpenBLAS threads

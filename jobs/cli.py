@@ -249,8 +249,9 @@ def _cmd_compress(args) -> int:
                                                               for k in ("fp32", "fp16", "int8")) for p in precision))
     if result["comparison"]:
         print("\nAt equal ranks:\n" + "\n".join("  " + line for line in result["comparison"]))
-    print(f"\nwrote {result['markdown']}, {result['plot']} and MLflow runs "
-          f"({'Sigma from cache' if result['sigma_info'].get('cached') else 'Sigma computed'}); "
+    tracked = " and MLflow runs" if not args.no_mlflow else ""
+    sigma = {None: "no Sigma needed", True: "Sigma from cache", False: "Sigma computed"}
+    print(f"\nwrote {result['markdown']}, {result['plot']}{tracked} ({sigma[result['sigma_info'].get('cached')]}); "
           f"total {time.perf_counter() - tic:.0f}s")
     return 0
 

@@ -1,7 +1,7 @@
 """Covariance job: ``python -m jobs.covariance --config jobs/configs/fmnist_demo_sweep.yaml``.
 
-Phase 1 of a sweep alone: every Sigma its grid needs (each Sigma source x N x seed) is computed once into the Sigma
-cache (``sigma_backend: ray`` spreads it over Ray actors). A later ``jobs.sweep`` with the same config finds them
+Phase 1 of a sweep alone: every Sigma its grid needs (each Sigma source x N x seed), and the Fisher / activation
+statistics of FW-LRA / AG-LRA points, are computed once into the Sigma cache (``sigma_backend: ray`` spreads it over Ray actors). A later ``jobs.sweep`` with the same config finds them
 all cached.
 """
 
@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
             detail = info["sigmas"][ident]
             state = "cached" if detail.get("cached") else f"computed in {detail.get('seconds', 0):.1f}s"
             print(f"{ident:40s} {key}  {state}")
-        print(f"{info['computed']} computed, {info['cached']} from cache, {len(info['layers'])} layers, "
-              f"cache {info['location']}")
+        for ident, key in sorted(info["stat_keys"].items()):
+            print(f"{ident:40s} {key}")
+        print(f"{info['computed']} computed, {info['cached']} from cache, {len(info['layers'])} layers; "
+              f"statistics (FW-LRA / AG-LRA): {info['stats']['computed']} computed, {info['stats']['cached']} from "
+              f"cache; cache {info['location']}")
         return 0
 
     return run_job(body)

@@ -52,7 +52,7 @@ from torch import nn
 
 from pipeline._io import atomic_path
 
-__all__ = ["SigmaCache", "SigmaKey", "fetch_sigmas", "model_fingerprint", "sigma_key"]
+__all__ = ["SigmaCache", "SigmaKey", "fetch_sigmas", "model_fingerprint", "sigma_key", "stats_key"]
 
 _FORMAT = "sigma-cache/2"
 _DATA_SUFFIX = ".safetensors"
@@ -94,6 +94,15 @@ def sigma_key(
         default=str,
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def stats_key(key: SigmaKey, kind: str, layers: Sequence[str]) -> str:
+    """Cache key of a per-layer data statistic (``"fisher"``, ``"activation"``) of ``layers``, from the same
+    images as the Sigma of ``key`` (``centered`` plays no part)."""
+    blob = json.dumps({"stat": kind, "weights": key.weights_hash, "layers": sorted(layers),
+                       "dataset": dict(key.dataset_identity), "n": int(key.n_samples), "seed": int(key.seed),
+                       "format": 1}, sort_keys=True, default=str).encode()
+    return "stats-" + hashlib.sha256(blob).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -196,12 +205,21 @@ class SigmaCache:
 
     def save(self, key: str, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> str:
         """Write an entry: the data first, then the checksum sidecar that validates it. Returns the data path."""
+        return self._save({name: _as_float64_cpu(name, s) for name, s in sigmas.items()}, key, description)
+
+    def save_stats(self, key: str, stats: Mapping[str, torch.Tensor], description: Mapping) -> str:
+        """Write per-layer statistics of any shape (Fisher diagonals, mean activations): an entry of kind
+        ``"stats"``, read back by :meth:`load` like a Sigma entry (same checksum), keyed by :func:`stats_key`."""
+        tensors = {name: t.detach().to(device="cpu", dtype=torch.float64).contiguous() for name, t in stats.items()}
+        return self._save(tensors, key, {**dict(description), "kind": "stats"})
+
+    def _save(self, tensors: Mapping[str, torch.Tensor], key: str, description: Mapping) -> str:
         from safetensors.torch import save
 
         data_path, meta_path = self._paths(key)
-        data = save({name: _as_float64_cpu(name, s) for name, s in sigmas.items()})
+        data = save(dict(tensors))
         meta = {**dict(description), "format": _FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
-                "size": len(data), "layers": sorted(sigmas)}
+                "size": len(data), "layers": sorted(tensors)}
         self._put(data_path, data)
         self._put(meta_path, json.dumps(meta, indent=2, default=str).encode())
         return data_path
@@ -329,6 +347,8 @@ class SigmaCache:
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError("checksum mismatch")
         sigmas = load(data)
+        if meta.get("kind") == "stats":
+            return sigmas
         for name, sigma in sigmas.items():
             if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or sigma.dtype != torch.float64:
                 raise ValueError(f"layer {name}: expected a square float64 matrix, got {sigma.dtype} "

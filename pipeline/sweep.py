@@ -3,7 +3,9 @@
 Two phases:
 
 1. On the driver, once: the model, its baseline accuracy, and every Sigma the missing trials need, computed
-   exactly once per (source, N, seed) through the Sigma cache (:attr:`SweepResult.sigma_computed` counts them).
+   exactly once per (source, N, seed) through the Sigma cache (:attr:`SweepResult.sigma_computed` counts them);
+   FW-LRA / AG-LRA points also get their Fisher / activation statistic, once per (source, N, seed), in the same
+   cache (:func:`prepare_stats`). Every data-aware point (Sigma or statistic) is run per source, N and seed.
 2. One Ray Tune trial per grid point (function trainable, ``tune.with_parameters`` + ``tune.with_resources``,
    ``tune.grid_search`` over the points): load the cached Sigma (never recompute; a missing entry is an error),
    compress, evaluate, log one MLflow run (``setup_mlflow``), write the trial record, ``tune.report``.
@@ -51,7 +53,8 @@ from pipeline.compress import (
 from pipeline.data import DATASET_NAMES, RESAMPLE_MODES, DatasetSpec
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
-from pipeline.sigma_cache import SigmaCache, model_fingerprint
+from pipeline.fisher import compute_layer_stats
+from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint, stats_key
 from pipeline.tracking import default_tracking_uri
 from pipeline.train import TrainConfig
 from sigma_core import RankRule
@@ -67,6 +70,7 @@ __all__ = [
     "keyed_grid",
     "missing_points",
     "prepare_sigmas",
+    "prepare_stats",
     "run_covariance",
     "run_sweep",
     "trial_key",
@@ -203,15 +207,14 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _require(bool(self.methods), "methods is empty: choose at least one registered method")
         for name in self.methods:
-            needs = getattr(get_method(name), "needs", None)
-            _require(needs in (None, "sigma"), f"method {name} needs the {needs} statistic of each layer; the sweep "
-                     "runs Sigma methods and data-free methods only")
+            get_method(name)  # a clear error listing the registered names
         _require(bool(self.alphas), "alphas is empty: give at least one VBMF ratio")
         for alpha in self.alphas:
             _require(0.0 <= alpha <= 1.0, f"alphas must be in [0, 1] (paper Eq. 2), got {alpha}")
         _require(bool(self.seeds), "seeds is empty: give at least one seed")
-        if self.needs_sigma:
-            _require(bool(self.sigma_sources), "a Sigma method is selected but sigma_sources is empty")
+        if self.needs_data:
+            _require(bool(self.sigma_sources), "a data-aware method (Sigma, FW-LRA, AG-LRA) is selected but "
+                     "sigma_sources is empty")
             _require(bool(self.n_samples) and all(n >= 1 for n in self.n_samples),
                      f"n_samples must be a non-empty list of integers >= 1, got {list(self.n_samples)}")
         labels = [s.name for s in self.sigma_sources]
@@ -227,8 +230,9 @@ class SweepConfig:
         _require(self.max_failures >= 0 and self.best_models >= 0, "max_failures and best_models must be >= 0")
 
     @property
-    def needs_sigma(self) -> bool:
-        return any(get_method(m).needs_sigma for m in self.methods)
+    def needs_data(self) -> bool:
+        """Whether a method reads a statistic of the images (Sigma, Fisher diagonal or mean activation)."""
+        return any(get_method(m).needs is not None for m in self.methods)
 
     @property
     def device(self) -> str:
@@ -269,7 +273,8 @@ class TrialPoint:
 
     @property
     def sigma_id(self) -> tuple[str, int, int] | None:
-        """(source, N, seed) of the Sigma this point needs, None if it needs none."""
+        """(source, N, seed) of the images whose statistics this point reads (Sigma, and the Fisher / activation
+        statistic of FW-LRA / AG-LRA), None if it needs none."""
         return None if self.source is None else (self.source, int(self.n_samples), int(self.seed))
 
 
@@ -277,7 +282,7 @@ def grid_points(config: SweepConfig) -> list[TrialPoint]:
     """Every point of the sweep grid, in a stable order (method, source, N, seed, alpha)."""
     points = []
     for method in config.methods:
-        if get_method(method).needs_sigma:
+        if get_method(method).needs is not None:
             for src in config.sigma_sources:
                 for n in config.n_samples:
                     points += [TrialPoint(method, float(a), int(s), src.name, int(n))
@@ -462,6 +467,7 @@ class TrialContext:
     tracking_uri: str | None
     experiment_id: str | None
     invocation: str
+    stat_keys: dict = field(default_factory=dict)  # "kind|source|N|seed" -> stats cache key (FW-LRA, AG-LRA)
 
 
 def _sigma_key_id(source: str, n: int, seed: int) -> str:
@@ -495,6 +501,43 @@ def prepare_sigmas(
         keys[_sigma_key_id(source, n, seed)] = info["key"]
         details[_sigma_key_id(source, n, seed)] = {k: v for k, v in info.items() if k != "patches"}
     return keys, {"computed": computed, "cached": len(needed) - computed, "sigmas": details}
+
+
+def prepare_stats(config: SweepConfig, model: torch.nn.Module, layers: Sequence[str],
+                  needed: Iterable[tuple[str, str, int, int]]) -> tuple[dict[str, str], dict]:
+    """Per-layer Fisher / activation statistics (``pipeline.fisher``) of every (kind, source, N, seed) the grid
+    needs, in the cache next to the Sigmas; each computed once, on the Sigma's images.
+
+    Returns
+    -------
+    keys : dict
+        ``"kind|source|N|seed"`` -> cache key (:func:`pipeline.sigma_cache.stats_key`).
+    info : dict
+        ``computed`` and ``cached`` counts.
+    """
+    cache = SigmaCache(config.sigma_location)
+    keys, computed = {}, 0
+    fingerprint = model_fingerprint(model)
+    for kind, source, n, seed in sorted(set(needed)):
+        spec = SigmaSource(config.source(source).dataset, n_samples=n, seed=seed, batch_size=config.sigma_batch_size)
+        key = stats_key(SigmaKey(fingerprint, spec.dataset.identity(), n, seed, False), kind, layers)
+        if cache.load(key, layers) is None:
+            stats, info = compute_layer_stats(model, {kind: list(layers)}, spec, device=config.device,
+                                              data_cache_dir=Path(config.cache_dir) / "datasets")
+            cache.save_stats(key, stats[kind], {"stat": kind, "source": spec.identity(), **info})
+            computed += 1
+        keys[_stat_key_id(kind, (source, n, seed))] = key
+    return keys, {"computed": computed, "cached": len(keys) - computed}
+
+
+def _stat_key_id(kind: str, sigma_id: tuple[str, int, int]) -> str:
+    return f"{kind}|{_sigma_key_id(*sigma_id)}"
+
+
+def _stats_needed(points: Iterable[TrialPoint]) -> set[tuple[str, str, int, int]]:
+    """(kind, source, N, seed) of every Fisher / activation statistic the points read."""
+    return {(get_method(p.method).needs, *p.sigma_id) for p in points
+            if p.sigma_id and get_method(p.method).needs not in (None, "sigma")}
 
 
 def _compute_sigmas(config: SweepConfig, model, layers, source: SigmaSource, cache: SigmaCache):
@@ -553,9 +596,10 @@ def _run_point(point: TrialPoint, key: str, ctx: TrialContext):
     tic = time.perf_counter()
     model = build_model(ctx.model, num_classes=ctx.num_classes, weights=ctx.state).eval()
     sigmas = _load_sigmas(point, ctx) if point.sigma_id else {}
+    stats = _load_stats(point, ctx)
     options = dataclasses.replace(ctx.solver, seed=point.seed)
     start = time.perf_counter()
-    compressed, outcomes = _compress(model, ctx, sigmas, RankRule(alpha=point.alpha), point.method, options)
+    compressed, outcomes = _compress(model, ctx, sigmas, RankRule(alpha=point.alpha), point.method, options, stats)
     decompose_seconds = time.perf_counter() - start
     start = time.perf_counter()
     acc = accuracy(compressed, ctx.eval_dataset, limit=ctx.eval_limit, batch_size=ctx.batch_size,
@@ -581,14 +625,28 @@ def _load_sigmas(point: TrialPoint, ctx: TrialContext) -> dict:
     return sigmas
 
 
-def _compress(model, ctx: TrialContext, sigmas, rule: RankRule, method: str, options: SolverOptions):
+def _load_stats(point: TrialPoint, ctx: TrialContext) -> dict:
+    """The Fisher / activation statistic phase 1 cached for an FW-LRA / AG-LRA point ({} for other methods)."""
+    kind = get_method(point.method).needs
+    if kind in (None, "sigma"):
+        return {}
+    cache_key = ctx.stat_keys.get(_stat_key_id(kind, point.sigma_id))
+    stats = None if cache_key is None else SigmaCache(ctx.sigma_location).load(cache_key, ctx.layers)
+    if stats is None:
+        raise RuntimeError(f"the {kind} statistic for source={point.source} N={point.n_samples} seed={point.seed} "
+                           f"is not in the cache {ctx.sigma_location} (key {cache_key}); phase 1 computes it before "
+                           "any trial starts: is cache_dir on storage that every node shares?")
+    return stats
+
+
+def _compress(model, ctx: TrialContext, sigmas, rule: RankRule, method: str, options: SolverOptions, stats=None):
     if ctx.compress_backend == "ray":
         from pipeline import ray_tasks  # per-layer Ray tasks (pipeline/ray_tasks.py)
 
         return ray_tasks.ray_compress_model(model, list(ctx.layers), sigmas, rule, method, options=options,
-                                            use_gpu=ctx.device.startswith("cuda"), progress=False)
+                                            use_gpu=ctx.device.startswith("cuda"), progress=False, stats=stats)
     return compress_model(model, ctx.layers, sigmas, rule, method, options=options, device=ctx.device,
-                          progress=False)
+                          progress=False, stats=stats)
 
 
 def _trial_row(point: TrialPoint, key: str, ctx: TrialContext, acc: dict, stats: dict, layers: list) -> dict:
@@ -840,6 +898,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     stale = _purge_stale_runs(uri, experiment_id, todo)
     baseline = _baseline(config, model, fingerprint, input_shape, out)
     sigma_keys, sigma_info = prepare_sigmas(config, model, layers, {p.sigma_id for p in todo.values() if p.sigma_id})
+    stat_keys, _ = prepare_stats(config, model, layers, _stats_needed(todo.values()))
     ctx = TrialContext(
         model=config.model, num_classes=config.num_classes, state={k: v.clone() for k, v in model.state_dict().items()},
         fingerprint=fingerprint, layers=tuple(layers), input_shape=input_shape, baseline=baseline,
@@ -849,7 +908,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         eval_dataset=config.eval_dataset, eval_limit=config.eval_limit, batch_size=config.batch_size,
         solver=config.solver, device=config.device, threads=max(1, int(config.cpus_per_trial)), output_dir=str(out),
         save_models=config.save_models, compress_backend=config.compress_backend, tracking_uri=uri,
-        experiment_id=experiment_id, invocation=invocation)
+        experiment_id=experiment_id, invocation=invocation, stat_keys=stat_keys)
     if todo:
         _run_tuner(config, ctx, todo, store)
     store.write_parquet()
@@ -865,7 +924,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
 
 def run_covariance(config: SweepConfig) -> dict:
-    """Phase 1 alone (the covariance job): every Sigma the grid needs lands in the cache, each computed once.
+    """Phase 1 alone (the covariance job): every Sigma (and FW-LRA / AG-LRA statistic) the grid needs lands in
+    the cache, each computed once.
 
     Returns
     -------
@@ -875,10 +935,11 @@ def run_covariance(config: SweepConfig) -> dict:
     """
     config = _absolute_paths(config)
     model, layers, fingerprint, _ = _load_model(config)
-    needed = {p.sigma_id for p in grid_points(config) if p.sigma_id}
-    keys, info = prepare_sigmas(config, model, layers, needed)
-    return {**info, "keys": keys, "layers": list(layers), "fingerprint": fingerprint,
-            "location": config.sigma_location}
+    points = grid_points(config)
+    keys, info = prepare_sigmas(config, model, layers, {p.sigma_id for p in points if p.sigma_id})
+    stat_keys, stat_info = prepare_stats(config, model, layers, _stats_needed(points))
+    return {**info, "keys": keys, "stat_keys": stat_keys, "stats": stat_info, "layers": list(layers),
+            "fingerprint": fingerprint, "location": config.sigma_location}
 
 
 def _absolute_paths(config: SweepConfig) -> SweepConfig:

@@ -9,6 +9,7 @@ they start is stopped by process id at the end. Models are random-init reference
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -155,12 +156,46 @@ def test_best_trials_are_the_pareto_front_of_each_method():
 
 
 def test_sweep_config_rejects_what_it_cannot_run(tmp_path, weights_file):
-    with pytest.raises(ValueError, match="needs the fisher statistic"):
-        _config(tmp_path, weights_file, methods=("fw-lra",))
+    with pytest.raises(ValueError, match="data-aware method"):
+        _config(tmp_path, weights_file, methods=("fw-lra",), sigma_sources=())
+    with pytest.raises(ValueError, match="unknown method"):
+        _config(tmp_path, weights_file, methods=("tucker3",))
     with pytest.raises(ValueError, match="labels must be unique"):
         _config(tmp_path, weights_file, sigma_sources=(DIGITS, SweepSource(DatasetSpec("fashion-mnist"), "digits")))
     with pytest.raises(ValueError, match="sigma_backend"):
         _config(tmp_path, weights_file, sigma_backend="spark")
+
+
+def test_fisher_and_activation_methods_run_as_trials(tmp_path, weights_file):
+    """FW-LRA / AG-LRA in a sweep: phase 1 caches their statistics once per (source, N, seed); a trial reads them."""
+    from pipeline import sweep
+
+    config = sweep._absolute_paths(_config(tmp_path, weights_file, methods=("ag-lra", "fw-lra", "tucker2-als"),
+                                           sigma_sources=(FMNIST,), alphas=(0.8,)))
+    points = grid_points(config)
+    assert {p.method: p.sigma_id for p in points} == {"ag-lra": ("fashion-mnist", 32, 0),
+                                                      "fw-lra": ("fashion-mnist", 32, 0), "tucker2-als": None}
+    phase1 = sweep.run_covariance(config)
+    assert phase1["stats"] == {"computed": 2, "cached": 0} and len(phase1["stat_keys"]) == 2
+    assert sweep.run_covariance(config)["stats"] == {"computed": 0, "cached": 2}
+    model, layers, fingerprint, input_shape = sweep._load_model(config)
+    ctx = sweep.TrialContext(
+        model=config.model, num_classes=config.num_classes, state=model.state_dict(), fingerprint=fingerprint,
+        layers=tuple(layers), input_shape=input_shape, baseline={"top1": 10.0, "top5": 50.0, **sweep.model_stats(model, input_shape)},
+        identity={}, sources={"fashion-mnist": FMNIST.dataset.identity()}, sigma_keys=phase1["keys"],
+        sigma_location=config.sigma_location, data_cache_dir=str(Path(config.cache_dir) / "datasets"),
+        eval_dataset=config.eval_dataset, eval_limit=16, batch_size=16, solver=config.solver, device="cpu",
+        threads=1, output_dir=config.output_dir, save_models="none", compress_backend="local", tracking_uri=None,
+        experiment_id=None, invocation="test", stat_keys=phase1["stat_keys"])
+    for point in points:
+        if point.method == "tucker2-als":
+            continue
+        row, _, ok_layers = sweep._run_point(point, "k" * 16, ctx)
+        assert row["failed_layers"] == 0 and ok_layers == list(layers), point.method
+        assert row["mean_rel_sigma_err"] is not None and row["compression_rate"] > 1
+    with pytest.raises(RuntimeError, match="fisher statistic .* is not in the cache"):
+        sweep._run_point(next(p for p in points if p.method == "fw-lra"), "k" * 16,
+                         dataclasses.replace(ctx, stat_keys={}))
 
 
 def test_parquet_has_each_trial_once(tmp_path):

@@ -22,21 +22,29 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def vgg_weights(tmp_path_factory):
-    """Random-init vgg-fmnist weights (a few BatchNorm updates) saved as safetensors: a real model file for
-    pipeline tests that must not depend on a trained cache."""
+def _random_init_weights(name: str, path):
+    """A reference architecture with random weights (a few BatchNorm updates, so activations are not
+    degenerate) saved as safetensors: a real model file for tests that must not depend on a trained cache."""
     import torch
     from safetensors.torch import save_file
 
     from pipeline.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("vgg-fmnist")
+    model = build_model(name)
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("w") / "vgg.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def vgg_weights(tmp_path_factory):
+    return _random_init_weights("vgg-fmnist", tmp_path_factory.mktemp("w") / "vgg.safetensors")
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(tmp_path_factory):
+    return _random_init_weights("resnet-fmnist", tmp_path_factory.mktemp("w") / "resnet.safetensors")

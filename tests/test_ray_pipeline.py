@@ -54,18 +54,8 @@ pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason=f"Fashion-MNIST not 
 
 # ============================================================================================== fixtures
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("vgg-fmnist")
-    model.train()  # a few BatchNorm statistics updates so the activations are not degenerate
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("weights") / "vgg.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights_file(vgg_weights) -> Path:
+    return vgg_weights
 
 
 def _model64(weights: Path) -> torch.nn.Module:

@@ -62,20 +62,8 @@ def _no_ambient_tracking_uri(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    from pipeline.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("resnet-fmnist")
-    model.train()  # a few BatchNorm statistics updates so the activations are not degenerate
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(32, 1, 28, 28))
-    path = tmp_path_factory.mktemp("w") / "resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights_file(resnet_weights) -> Path:
+    return resnet_weights
 
 
 def _config(out: Path, weights: Path, **overrides) -> SweepConfig:

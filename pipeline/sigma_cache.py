@@ -225,16 +225,10 @@ class SigmaCache:
         return data_path
 
     # ------------------------------------------------------------------------------------------ per layer
-    def load_layers(self, key: SigmaKey, layers: Sequence[str], *, whole: bool = True) -> dict[str, torch.Tensor]:
-        """Every layer of ``layers`` found in the cache (possibly none): the whole-set entry, else per-layer ones.
-
-        Corrupt entries are skipped with a warning, so their layers come back missing and get recomputed.
-        ``whole=False`` reads the per-layer entries only (for a caller that has tried the whole-set key already).
-        """
-        if whole:
-            hit = self.load(key.for_layers(layers), layers)
-            if hit is not None:
-                return hit
+    def load_layers(self, key: SigmaKey, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every layer of ``layers`` that has its own per-layer entry (possibly none; whole-set entries are
+        :meth:`fetch`'s business). Corrupt entries are skipped with a warning, so their layers come back missing
+        and get recomputed."""
         found = {}
         for name in layers:
             hit = self.load(key.for_layers([name]), [name])
@@ -264,7 +258,7 @@ class SigmaCache:
         if whole is not None:
             return whole, []
         # One layer: its per-layer key is the whole-set key, just tried.
-        cached = self.load_layers(key, layers, whole=False) if len(layers) > 1 else {}
+        cached = self.load_layers(key, layers) if len(layers) > 1 else {}
         missing = [name for name in layers if name not in cached]
         computed = dict(compute(missing)) if missing else {}
         if computed:

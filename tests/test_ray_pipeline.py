@@ -395,9 +395,12 @@ def test_cache_per_layer_entries_are_reused(tmp_path):
     found = cache.load_layers(key, ["l1", "l2", "l3"])  # a sweep that adds l3
     assert sorted(found) == ["l1", "l2"]
     assert torch.equal(found["l2"], first["l2"])
-    # A whole-set entry (what compute_sigmas writes) is read as well.
+    # fetch: per-layer entries are read, only l3 is computed; a whole-set entry of an older run answers at once.
+    got, computed = cache.fetch(key, ["l1", "l2", "l3"], lambda missing: _sigmas(*missing), {})
+    assert computed == ["l3"] and torch.equal(got["l1"], first["l1"])
     cache.save(key.for_layers(["l4", "l5"]), _sigmas("l4", "l5"), {})
-    assert sorted(cache.load_layers(key, ["l4", "l5"])) == ["l4", "l5"]
+    got, computed = cache.fetch(key, ["l4", "l5"], lambda missing: pytest.fail("recomputed"), {})
+    assert computed == [] and sorted(got) == ["l4", "l5"]
 
 
 def _flip_byte(path: Path, offset: int) -> None:

@@ -172,11 +172,15 @@ def _add_upper(dst: torch.Tensor, src: torch.Tensor, edges: Sequence[int]) -> No
 
 
 def _mirror_upper(gram: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
-    """Full symmetric matrix (a new tensor) from the upper block triangle of ``gram``, shape (n, n)."""
-    full = gram.clone()
-    for lo, hi in zip(edges[1:-1], edges[2:]):
-        full[lo:hi, :lo] = full[:lo, lo:hi].T
-    return full
+    """Full symmetric matrix (a new tensor) from the upper triangle of ``gram``, shape (n, n).
+
+    Exactly symmetric by construction: every entry below the diagonal is a copy of its mirror above it. The
+    diagonal blocks are not symmetric to the last bit (BLAS may sum ``u_i u_j`` and ``u_j u_i`` in different orders,
+    as AMD's kernels do), so they are mirrored too rather than trusted. ``edges`` is kept for the callers' layout:
+    the upper block triangle written by :func:`_add_upper_gram` contains the whole upper triangle.
+    """
+    del edges
+    return torch.triu(gram) + torch.triu(gram, 1).T
 
 
 def _swap_order(t: torch.Tensor, a: int, b: int) -> torch.Tensor:

@@ -108,6 +108,8 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--precision", action="store_true",
                    help="also report FP16 and INT8 (post-training, x86 backend) top-1 of every point")
     p.add_argument("--calib-samples", type=int, default=500, help="INT8 calibration images (from the Sigma dataset)")
+    p.add_argument("--sigma-checkpoint-every", type=int, default=1000, metavar="N",
+                   help="checkpoint the Sigma pass every N images, so a killed run continues it (0: never)")
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
@@ -214,12 +216,16 @@ def compress_config(args):
         finetune=_finetune_config(args),
         finetune_methods=_finetune_methods(args),
         precision=args.precision, calib_samples=args.calib_samples,
+        sigma_checkpoint_every=args.sigma_checkpoint_every or None,
     )
 
 
 def _cmd_train(args) -> int:
     from pipeline.train import load_or_train_reference
 
+    if args.num_classes != 10:
+        raise ValueError("--num-classes does not apply to train: the reference models are trained on Fashion-MNIST "
+                         "(10 classes)")
     names = [args.model] if args.model != "all" else ["resnet-fmnist", "vgg-fmnist"]
     for name in names:
         args.model = name
@@ -253,7 +259,16 @@ def _cmd_compress(args) -> int:
     sigma = {None: "no Sigma needed", True: "Sigma from cache", False: "Sigma computed"}
     print(f"\nwrote {result['markdown']}, {result['plot']}{tracked} ({sigma[result['sigma_info'].get('cached')]}); "
           f"total {time.perf_counter() - tic:.0f}s")
-    return 0
+    return _report_failed(result.get("failed", []))
+
+
+def _report_failed(failed: list[dict]) -> int:
+    """Points where no layer was compressed: listed on stderr, exit status 1 (they are not results)."""
+    for f in failed:
+        first = next(iter(f["reasons"].items()), ("", ""))
+        print(f"error: {f['method']} {f['rank_rule']}: no layer was compressed ({first[0]}: "
+              f"{first[1].splitlines()[0] if first[1] else '?'})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def paper_tables_config(args):
@@ -304,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, EOFError) as exc:  # disk full, read-only, permission denied, broken input files
+        from pipeline.preflight import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 

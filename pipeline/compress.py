@@ -6,6 +6,7 @@ This module adapts ``sigma_core`` to datasets, caches and files. The per-layer w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import traceback
@@ -76,8 +77,15 @@ def compute_sigmas(
     cache: SigmaCache | None = None,
     data_cache_dir: str | Path | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Finalized Sigma (float64, CPU) of every layer in ``layer_names``, from the cache when possible.
+
+    With ``checkpoint_dir`` and ``checkpoint_every``, the pass runs in chunks of ``checkpoint_every`` images and
+    the merged accumulator states are written there after each chunk (:mod:`pipeline.sigma_checkpoint`), so a
+    killed job continues its Sigma pass where the last checkpoint left it; the result is bitwise the one of an
+    uninterrupted run with the same chunking.
 
     The cache is read per layer (a whole-set entry of an older run is used as is): only the layers it lacks are
     captured, in one pass over the images, and written as one entry each; then an index makes the whole-set key
@@ -99,10 +107,18 @@ def compute_sigmas(
     def compute(missing: list[str]) -> dict[str, torch.Tensor]:
         tic = time.perf_counter()
         subset = sample_subset(source.dataset.build(cache_dir=data_cache_dir), source.n_samples, source.seed)
-        loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
-        with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
-            accs = accumulate_sigma(model.to(device), loader, missing, device=device,
-                                    callback=lambda seen: bar.update(seen - bar.n))
+        if checkpoint_dir is not None and checkpoint_every is not None:
+            from pipeline.sigma_checkpoint import accumulate_checkpointed
+
+            accs = accumulate_checkpointed(model.to(device), subset, missing, key=key,
+                                           batch_size=source.batch_size, every=checkpoint_every,
+                                           directory=checkpoint_dir, device=device, progress=progress)
+        else:
+            loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
+            with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress,
+                      leave=False) as bar:
+                accs = accumulate_sigma(model.to(device), loader, missing, device=device,
+                                        callback=lambda seen: bar.update(seen - bar.n))
         run.update(seconds=time.perf_counter() - tic, patches={name: acc.count for name, acc in accs.items()})
         return {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
 
@@ -262,9 +278,17 @@ def save_compressed(
     """Save a compressed model as ``spec.json`` + ``model.safetensors``.
 
     The spec names the base architecture and every replaced layer's constructor arguments, so
-    :func:`load_compressed` rebuilds the model without re-running any decomposition.
+    :func:`load_compressed` rebuilds the model without re-running any decomposition. The two files are bound
+    to each other: the weights file's header records the SHA-256 of the spec, so an edited spec (another
+    padding, dilation, rank) is refused at load instead of running a different network.
+
+    Raises
+    ------
+    ValueError
+        If the model holds NaN/Inf values (nothing is written).
     """
     directory = Path(directory)
+    _check_finite_state(model.state_dict(), "the model to save")
     spec = {
         "format": "sigma-compress/1",
         "base_model": base_model,
@@ -272,9 +296,24 @@ def save_compressed(
         "replacements": {name: get_module(model, name).spec() for name in replaced},
         **(dict(extra) if extra else {}),
     }
-    atomic_save_safetensors(model.state_dict(), directory / "model.safetensors")
-    atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, default=str))
+    text = json.dumps(spec, indent=2, default=str)
+    # Spec first, weights last: the weights file (bound to that spec) is what makes the pair valid.
+    atomic_write_text(directory / "spec.json", text)
+    atomic_save_safetensors(model.state_dict(), directory / "model.safetensors",
+                            metadata={"spec_sha256": _spec_digest(text)})
     return directory
+
+
+def _spec_digest(text: str) -> str:
+    """SHA-256 of a spec's content (parsed and re-encoded canonically: whitespace edits do not count)."""
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()
+
+
+def _check_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{what} has NaN/Inf values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
+                         "refusing to use non-finite weights (check the run that produced them)")
 
 
 def load_compressed(directory: str | Path) -> nn.Module:
@@ -286,7 +325,19 @@ def load_compressed(directory: str | Path) -> nn.Module:
     for path in (spec_path, weights_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_compressed?")
-    spec = json.loads(spec_path.read_text())
+    from safetensors import safe_open
+
+    text = spec_path.read_text()
+    try:
+        spec = json.loads(text)
+        with safe_open(str(weights_path), framework="pt") as handle:
+            bound = (handle.metadata() or {}).get("spec_sha256")
+    except Exception as exc:  # noqa: BLE001 -- unreadable spec or weights: one message naming the file
+        raise ValueError(f"{directory} is damaged ({type(exc).__name__}: {exc}): save the model again") from None
+    # Files of older versions carry no binding; they load as before.
+    if bound is not None and bound != _spec_digest(text):
+        raise ValueError(f"{spec_path} was modified after {weights_path} was saved (its SHA-256 no longer matches "
+                         "the one recorded in the weights): restore it or save the model again")
     model = build_model(spec["base_model"], num_classes=int(spec["num_classes"]))
     model = replace_modules(model, {name: module_from_spec(s) for name, s in spec["replacements"].items()})
     try:
@@ -294,6 +345,7 @@ def load_compressed(directory: str | Path) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise ValueError(f"{weights_path} does not match {spec_path}: {exc}") from exc
+    _check_finite_state(state, str(weights_path))
     return model.eval()
 
 

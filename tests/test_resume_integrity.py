@@ -43,7 +43,7 @@ def other_vgg(tmp_path_factory):
 
 def _cache(tmp_path: Path, dataset_cache: Path) -> Path:
     cache = tmp_path / "cache"
-    cache.mkdir(exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "datasets").exists():
         (cache / "datasets").symlink_to(dataset_cache, target_is_directory=True)
     return cache

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["default_tracking_uri", "mark_interrupted_failed", "Tracker"]
+__all__ = ["default_tracking_uri", "mark_interrupted_failed", "relocate_store", "Tracker"]
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -43,6 +43,43 @@ def _experiment_id(uri: str, experiment: str, artifact_dir: str | Path | None) -
         return found.experiment_id
     location = Path(artifact_dir).resolve().as_uri() if artifact_dir is not None and _is_local(uri) else None
     return client.create_experiment(experiment, artifact_location=location)
+
+
+def relocate_store(tracking_uri: str, artifact_dir: str | Path) -> int:
+    """Point a copied or moved output folder's runs at its own artifacts; returns the rows changed.
+
+    Applies only to the folder's own store: a ``sqlite:///<dir>/mlflow.db`` next to ``artifact_dir``
+    (``<dir>/mlartifacts``). Experiments and runs whose artifact location is another folder's ``mlartifacts``
+    (the folder this one was copied from) are rewritten to this one, so ``mlflow ui`` / ``MlflowClient`` on the
+    copy read the copy's plots and models. Every ``compress`` / ``demo`` run calls it.
+    """
+    import sqlite3
+
+    prefix = "sqlite:///"
+    artifact_dir = Path(artifact_dir).resolve()
+    if not tracking_uri.startswith(prefix):
+        return 0
+    db = Path(tracking_uri[len(prefix):]).resolve()
+    if db.parent != artifact_dir.parent or not db.is_file():
+        return 0
+    new = artifact_dir.as_uri()
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            rows = conn.execute("select experiment_id, artifact_location from experiments").fetchall()
+        except sqlite3.DatabaseError:
+            return 0  # not an MLflow store (yet)
+        for exp_id, location in rows:
+            old = (location or "").rstrip("/")
+            if not old.endswith("/mlartifacts") or old == new:
+                continue
+            changed += conn.execute("update experiments set artifact_location = ? where experiment_id = ?",
+                                    (new, exp_id)).rowcount
+            changed += conn.execute("update runs set artifact_uri = ? || substr(artifact_uri, ?) "
+                                    "where experiment_id = ? and artifact_uri like ? || '%'",
+                                    (new, len(old) + 1, exp_id, old)).rowcount
+        conn.commit()
+    return changed
 
 
 def mark_interrupted_failed(client, experiment_id: str, parent_run_id: str) -> list[str]:
@@ -100,6 +137,8 @@ class Tracker:
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri)
+            if artifact_dir is not None:
+                relocate_store(tracking_uri, artifact_dir)
             self.experiment_id = _experiment_id(tracking_uri, experiment, artifact_dir)
             mlflow.set_experiment(experiment_id=self.experiment_id)
 

@@ -269,3 +269,27 @@ def test_mlflow_one_parent_per_output_dir_and_artifacts_inside(tmp_path, dataset
     assert exp.artifact_location.startswith((out / "mlartifacts").resolve().as_uri())
     assert list((out / "mlartifacts").rglob("model.safetensors"))
     assert not (Path.cwd() / "mlruns").exists() or not any((Path.cwd() / "mlruns").rglob(parent_id))
+
+
+def test_copied_output_folder_keeps_its_mlflow_runs_and_artifacts(tmp_path, dataset_cache, vgg_weights):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import relocate_store
+
+    out = tmp_path / "out"
+    config = _config(tmp_path, dataset_cache, vgg_weights, track=True, experiment="copy-test",
+                     tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    run_compress(config)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert relocate_store(uri, copy / "mlartifacts") > 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("copy-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.info.artifact_uri.startswith((copy / "mlartifacts").as_uri()) for r in runs)
+    child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+    got = client.download_artifacts(child.info.run_id, "model", str(tmp_path / "dl"))
+    assert (Path(got) / "model.safetensors").is_file() and (Path(got) / "spec.json").is_file()
+    assert relocate_store(uri, copy / "mlartifacts") == 0  # idempotent

@@ -293,3 +293,19 @@ def test_copied_output_folder_keeps_its_mlflow_runs_and_artifacts(tmp_path, data
     got = client.download_artifacts(child.info.run_id, "model", str(tmp_path / "dl"))
     assert (Path(got) / "model.safetensors").is_file() and (Path(got) / "spec.json").is_file()
     assert relocate_store(uri, copy / "mlartifacts") == 0  # idempotent
+
+
+def test_demo_keeps_every_mlflow_artifact_in_its_output_dir(tmp_path, dataset_cache, vgg_weights, monkeypatch):
+    from jobs.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # a ./mlruns would appear here if artifacts went to the cwd
+    out = tmp_path / "demo"
+    code = main(["demo", "--model", "vgg-fmnist", "--weights", str(vgg_weights), "--alpha", "0.9", "-n", "16",
+                 "--eval-limit", "32", "--layers", "features.4", "--max-iter", "2", "--no-progress",
+                 "--output-dir", str(out), "--cache-dir", str(_cache(tmp_path, dataset_cache))])
+    assert code == 0
+    names = {p.name for p in (out / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"results.md", "accuracy_vs_compression.png", "layer_plan.json", "layers.json", "model.safetensors",
+            "spec.json"} <= names
+    assert not (tmp_path / "mlruns").exists()

@@ -290,6 +290,9 @@ def paper_tables_config(args):
 def _cmd_paper_tables(args) -> int:
     from pipeline.paper_tables import table_6, tables_3_4
 
+    if args.num_classes != 10:
+        raise ValueError("--num-classes does not apply to paper-tables: they use the Fashion-MNIST reference models "
+                         "(10 classes)")
     config = paper_tables_config(args)
     texts = []
     if args.table in ("3-4", "all"):

@@ -93,6 +93,7 @@ def test_num_classes_is_refused_for_reference_models(tmp_path):
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         CompressConfig(model="resnet18", weights="w.pt", num_classes=0)
     assert main(["train", "--num-classes", "5", "--cache-dir", str(tmp_path)]) == 2
+    assert main(["paper-tables", "--num-classes", "5", "--output-dir", str(tmp_path / "p")]) == 2
 
 
 def test_num_classes_with_user_weights_is_applied_and_loads_back(tmp_path):

@@ -271,6 +271,7 @@ def test_mlflow_one_parent_per_output_dir_and_artifacts_inside(tmp_path, dataset
     assert not (Path.cwd() / "mlruns").exists() or not any((Path.cwd() / "mlruns").rglob(parent_id))
 
 
+@pytest.mark.slow  # an MLflow store (~20 s to create on a loaded machine) + a CLI run
 def test_copied_output_folder_keeps_its_mlflow_runs_and_artifacts(tmp_path, dataset_cache, vgg_weights):
     from mlflow import MlflowClient
 
@@ -295,6 +296,7 @@ def test_copied_output_folder_keeps_its_mlflow_runs_and_artifacts(tmp_path, data
     assert relocate_store(uri, copy / "mlartifacts") == 0  # idempotent
 
 
+@pytest.mark.slow  # an MLflow store (~20 s to create on a loaded machine) + a CLI run
 def test_demo_keeps_every_mlflow_artifact_in_its_output_dir(tmp_path, dataset_cache, vgg_weights, monkeypatch):
     from jobs.cli import main
 

@@ -92,3 +92,18 @@ __all__ = [
 __all__ += ["CPConv", "CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma",
             "cp_rank_alpha", "cp_rank_from_fraction", "cp_vbmf_rank", "validate_cp_rank"]
 __all__ += ["INITS"]
+from sigma_core.decompose import (  # NORTON filter CP (sigma_core.decompose.filter_cp)
+    FilterCPResult,
+    FilterCPSigmaConfig,
+    filter_cp_als,
+    filter_cp_als_sigma,
+    filter_cp_breakeven_rank,
+    filter_cp_max_rank,
+    filter_cp_rank,
+    filter_nmse,
+)
+from sigma_core.layers_norton import NortonConv, PrunedBatchNorm2d, PrunedConv2d, PrunedLinear
+
+__all__ += ["FilterCPResult", "FilterCPSigmaConfig", "filter_cp_als", "filter_cp_als_sigma",
+            "filter_cp_breakeven_rank", "filter_cp_max_rank", "filter_cp_rank", "filter_nmse", "NortonConv",
+            "PrunedBatchNorm2d", "PrunedConv2d", "PrunedLinear"]

@@ -33,6 +33,7 @@ from pipeline.finetune import FinetuneConfig, finetune, finetune_data
 from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
+from pipeline.norton import PruneConfig, norton_prune, pruned_module_names
 from pipeline.report import layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
@@ -94,6 +95,9 @@ class CompressConfig:
     finetune_methods: tuple[str, ...] = ("tucker2-als",)
     precision: bool = False
     calib_samples: int = 500
+    # NORTON's model-level pruning stage (pipeline.norton), applied after decomposition to the points of
+    # filter-CP methods and of dense-prune; None = no pruning (existing slugs unchanged).
+    prune: "PruneConfig | None" = None
 
     def __post_init__(self) -> None:
         for name in self.methods:
@@ -114,7 +118,11 @@ class CompressConfig:
         self._check_extras()
 
     def _check_cp_rank(self) -> None:
-        cp = [m for m in self.methods if get_method(m).family == "cp"]
+        filter_cp = [m for m in self.methods if get_method(m).family == "filter-cp"]
+        if filter_cp and self.cp_rank is None and self.fraction is None:
+            raise ValueError(f"{', '.join(filter_cp)} (NORTON filter CP) have no alpha/VBMF rank rule: give "
+                             "cp_rank R (--cp-rank R) or a fraction of the per-filter maximum rank (--fraction)")
+        cp = [m for m in self.methods if get_method(m).family in ("cp", "filter-cp")]
         if self.ranks is not None and cp:
             raise ValueError(f"ranks (R_T, R_S) are Tucker-2 ranks; for the CP methods {', '.join(cp)} give "
                              "cp_rank R (--cp-rank R), alphas or a fraction")
@@ -123,7 +131,7 @@ class CompressConfig:
         if self.ranks is not None or self.fraction is not None:
             raise ValueError("give only one of ranks, fraction and cp_rank")
         RankRule(cp_rank=self.cp_rank)  # validates the value
-        not_cp = [m for m in self.methods if get_method(m).family != "cp"]
+        not_cp = [m for m in self.methods if get_method(m).family not in ("cp", "filter-cp")]
         if not_cp:
             raise ValueError(f"cp_rank is a CP rank but methods {not_cp} are not CP methods; use ranks / fraction "
                              "/ alphas for them, or run them separately")
@@ -231,6 +239,8 @@ def plan_points(model: nn.Module, config: CompressConfig) -> tuple[dict[str, dic
 def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
     # Hybrid / SVD settings enter the identity only when set, so that existing points keep their slugs.
     extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
+    if config.prune is not None and _prunes(method, config):
+        extra["prune"] = config.prune.identity()
     solver = asdict(config.solver)
     if solver["cp_init"] == "svd":  # the default, added later: leave it out so that existing slugs stay valid
         del solver["cp_init"]
@@ -250,6 +260,11 @@ def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
     else:
         label = f"svdrank{rule.svd_rank}"
     return f"{method}-{label}-{digest}"
+
+
+def _prunes(label: str, config: CompressConfig) -> bool:
+    """Whether the pruning stage applies to points of method ``label`` (filter-CP methods and dense-prune)."""
+    return config.prune is not None and get_method(label.split("+")[0]).family in ("filter-cp", "dense")
 
 
 def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: dict, acc: dict, layers, secs):
@@ -338,6 +353,9 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
                data_cache, out, tracker):
     hybrid = any(m != method for m in layer_methods.values())
     label = f"{method}+{config.linear_method}" if hybrid else method  # paper Table 5: "Tucker2-ALS-Sigma + SVD-Sigma"
+    pruning = _prunes(method, config)
+    if pruning:
+        label = f"{label}+{config.prune.label()}"
     slug = _slug(label, rule, config)
     path = out / "points" / f"{slug}.json"
     if path.exists():
@@ -349,20 +367,29 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method, options=config.solver,
                                           device=config.device, progress=config.progress, stats=layer_stats,
                                           overrides=overrides)
+    prune_report = None
+    if pruning:
+        compressed, prune_report = norton_prune(compressed, config.prune, input_shape=input_shape, sigmas=sigmas)
     secs = time.perf_counter() - tic
     acc = accuracy(compressed, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)
     stats = model_stats(compressed.cpu(), input_shape)
     point = _point_metrics(label, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
     point["slug"] = slug
+    if prune_report is not None:
+        point["prune"] = prune_report
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": alpha,
                             "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
                      nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if k != "layers"})
         tracker.log_layers(point["layers"])
         if config.save_models:
+            replaced = [o.name for o in outcomes if o.ok]
+            if prune_report is not None:
+                replaced = list(dict.fromkeys(replaced + pruned_module_names(prune_report)))
+            point["replaced"] = replaced
             model_dir = save_compressed(out / "models" / slug, config.model, config.num_classes, compressed,
-                                        [o.name for o in outcomes if o.ok],
+                                        replaced,
                                         extra={"method": label, "rank_rule": rule.describe()})
             point["model_dir"] = str(model_dir)
             tracker.log_artifact(model_dir, "model")
@@ -395,7 +422,7 @@ def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, con
                             "best_lr": info["best_lr"]}, nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if isinstance(v, (int, float)) and v is not None})
         if config.save_models:
-            replaced = [row["name"] for row in base["layers"] if row["error"] is None]
+            replaced = base.get("replaced") or [row["name"] for row in base["layers"] if row["error"] is None]
             point["model_dir"] = str(save_compressed(out / "models" / slug, config.model, config.num_classes, tuned,
                                                      replaced, extra={"method": label, "rank_rule": rule.describe(),
                                                                       "best_lr": info["best_lr"]}))

@@ -119,6 +119,74 @@ def e2(args, model, e1_rows, base, lines):
     lines.append("")
 
 
+def _ft(args):
+    from pipeline.finetune import FinetuneConfig
+
+    # One short protocol for every arm (2 shared CPU cores): Adam, one lr, args.ft_epochs over args.ft_subset images.
+    return FinetuneConfig(epochs=args.ft_epochs, lrs=(1e-3,), train_subset=args.ft_subset, holdout=2000, seed=0)
+
+
+def _arm(args, out, method, prune, **rank):
+    from pipeline.norton import PruneConfig  # noqa: F401
+
+    cfg = base_config(args, out, methods=(method,), prune=prune, finetune=_ft(args), finetune_methods=(method,),
+                      **rank)
+    res = run_compress(cfg)
+    before, after = res["points"][0], res["points"][1]
+    print(f"arm {after['method']} done: {before['top1']:.2f} -> {after['top1']:.2f}", flush=True)
+    return before, after, res["baseline"]
+
+
+def dense_prune_macs(model, rate: float) -> int:
+    from pipeline.norton import PruneConfig, norton_prune
+
+    return count_macs(norton_prune(model, PruneConfig(rate=rate, criterion="l1"))[0], (1, 1, 28, 28))
+
+
+def match_prune_rate(model, target: int) -> float:
+    """Global dense prune rate (2 decimals) whose MACs are closest to ``target`` (bisection; MACs fall with rate)."""
+    lo, hi = 0.0, 0.98
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if dense_prune_macs(model, mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    cands = sorted({round(lo, 2), round(hi, 2), round((lo + hi) / 2, 2)})
+    return min(cands, key=lambda r: abs(dense_prune_macs(model, r) - target))
+
+
+def e3_e4(args, model, lines):
+    from pipeline.norton import PruneConfig
+
+    ft = _ft(args)
+    lines.append(f"## E3 (budget B, ~18x MACs) and E4 (criteria at R=1, p=0.5), identical fine-tuning: Adam lr 1e-3, "
+                 f"{ft.epochs} epoch(s) on {ft.train_subset} train images, seed 0 (a SHORT CPU protocol)\n")
+    lines.append("| arm | MACs | reduction | params | top-1 no FT | top-1 after FT |")
+    lines.append("|---|---|---|---|---|---|")
+    rows = []
+
+    def add(before, after, base):
+        rows.append(after)
+        lines.append(f"| {after['method']} ({after['rank_rule']}) | {after['macs']} | {base['macs'] / after['macs']:.1f}x "
+                     f"| {after['params']} | {before['top1']:.2f} | {after['top1']:.2f} |")
+
+    try:
+        b, a, base = _arm(args, "e3", "norton-cp", PruneConfig(rate=0.5, criterion="pabs"), cp_rank=1)
+        add(b, a, base)
+        target = a["macs"]
+        rate = match_prune_rate(model, target)
+        add(*_arm(args, "e3", "dense-prune", PruneConfig(rate=rate, criterion="l1"), fraction=1.0))
+        r_l = match_cp_rank(model, _layers(model), target)
+        add(*_arm(args, "e3", "cp-als", None, cp_rank=r_l))
+        for crit, seed in (("pabs-code", 0), ("l1", 0), ("random", 0), ("random", 1), ("random", 2)):
+            add(*_arm(args, "e3", "norton-cp", PruneConfig(rate=0.5, criterion=crit, seed=seed), cp_rank=1))
+        add(*_arm(args, "e3", "norton-cp", PruneConfig(rate=0.65, criterion="pabs"), cp_rank=2))
+        add(*_arm(args, "e3", "norton-cp-sigma", PruneConfig(rate=0.5, criterion="pabs"), cp_rank=1))
+    finally:
+        lines.append(f"\n{len(rows)} arms finished (the rest: rerun the same command, finished points are reused)\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="e1,e2", help="comma-separated subset of e1,e2,e3,e4")
@@ -141,7 +209,7 @@ def main() -> None:
     if "e2" in stages:
         e2(args, model, rows, base, lines)
     if stages & {"e3", "e4"}:
-        from benchmarks_norton_ft import e3_e4  # noqa: F401  (see below)
+        e3_e4(args, model, lines)
     lines.append(f"total wall time {time.time() - tic:.0f} s (resumed points are read from disk)")
     Path(args.result).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -132,3 +132,30 @@ def test_bad_inputs(resnet_weights):
     assert "grouped conv" in reasons["3"] and "grouped conv" in reasons["0"]
     with pytest.raises(ValueError, match="grouped conv"):
         prune_channels(grouped, PruneGroup("3", "4", (("6", "conv", 1),), 8), [0, 1])
+
+
+@pytest.mark.slow  # ~2.5 min on the shared 2-core machine (two Sigma-ALS layers sets + 3 evaluations)
+def test_compress_job_with_pruning_stage_resumes_and_reloads(tmp_path, vgg_weights):
+    from pipeline.compress import SigmaSource
+    from pipeline.data import DatasetSpec
+    from pipeline.runner import CompressConfig, run_compress
+
+    def cfg(**kw):
+        return CompressConfig(model="vgg-fmnist", weights=str(vgg_weights), eval_limit=64, track=False,
+                              sigma=SigmaSource(DatasetSpec("fashion-mnist"), n_samples=64), progress=False,
+                              output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), **kw)
+
+    with pytest.raises(ValueError, match="no alpha"):
+        cfg(methods=("norton-cp",))
+    config = cfg(methods=("norton-cp", "norton-cp-sigma"), cp_rank=1, prune=PruneConfig(rate=0.5))
+    first = run_compress(config)
+    labels = [p["method"] for p in first["points"]]
+    assert labels == ["norton-cp+prune0.5-pabs", "norton-cp-sigma+prune0.5-pabs"]
+    for point in first["points"]:
+        model = load_compressed(point["model_dir"])
+        assert get_module(model, "features.14").out_channels == 64
+        assert get_module(model, "classifier.1").in_features == 64 * 9
+    again = run_compress(config)
+    assert [p["slug"] for p in again["points"]] == [p["slug"] for p in first["points"]]
+    dense = run_compress(cfg(methods=("dense-prune",), fraction=1.0, prune=PruneConfig(rate=0.25, criterion="l1")))
+    assert dense["points"][0]["macs"] < dense["baseline"]["macs"]

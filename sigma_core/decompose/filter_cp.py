@@ -98,7 +98,7 @@ def filter_cp_rank(rule: RankRule | BreakEvenRule, kernel_shape: Sequence[int]) 
     if rule.alpha is not None:
         raise ValueError("filter CP (norton-cp, norton-cp-sigma) has no alpha/VBMF rank rule (the NORTON paper uses "
                          "one global R): give an explicit cp_rank R (--cp-rank), a fraction of the per-filter maximum "
-                         "rank (--fraction) or the break-even rank (--breakeven)")
+                         "rank (--fraction) or the break-even rank (sigma_core.decompose.filter_cp.BreakEvenRule)")
     if rule.cp_rank is not None:
         r_max = filter_cp_max_rank(shape)
         if rule.cp_rank > r_max:

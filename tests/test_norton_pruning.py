@@ -159,3 +159,21 @@ def test_compress_job_with_pruning_stage_resumes_and_reloads(tmp_path, vgg_weigh
     assert [p["slug"] for p in again["points"]] == [p["slug"] for p in first["points"]]
     dense = run_compress(cfg(methods=("dense-prune",), fraction=1.0, prune=PruneConfig(rate=0.25, criterion="l1")))
     assert dense["points"][0]["macs"] < dense["baseline"]["macs"]
+
+
+def test_finetune_sgd_option_keeps_default_identity_and_trains():
+    from pipeline.finetune import FinetuneConfig, FinetuneData, finetune
+
+    assert "optimizer" not in FinetuneConfig().identity()  # existing fine-tune slugs stay valid
+    cfg = FinetuneConfig(epochs=2, lrs=(0.05,), batch_size=16, train_subset=None, holdout=16, optimizer="sgd",
+                         weight_decay=5e-4, schedule="cosine-warmup", warmup_epochs=1)
+    assert cfg.identity()["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="optimizer"):
+        FinetuneConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        FinetuneConfig(epochs=1, warmup_epochs=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    tuned, info = finetune(model, cfg, FinetuneData(x[:48], y[:48], x[48:], y[48:]), progress=False)
+    assert info["best_lr"] == 0.05 and not torch.equal(tuned[0].weight, model[0].weight)

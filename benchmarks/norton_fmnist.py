@@ -187,9 +187,36 @@ def e3_e4(args, model, lines):
         lines.append(f"\n{len(rows)} arms finished (the rest: rerun the same command, finished points are reused)\n")
 
 
+def partial_report(args, model, lines):
+    """Tables of every point already on disk (no computation): what a killed / unfinished run has measured."""
+    base = json.loads((Path(args.out) / "e1" / "baseline.json").read_text())
+    lines.append(f"baseline: top-1 {base['top1']:.2f}, {base['params']} params, {base['macs']} MACs\n")
+    lines.append("| stage | method | rank rule | params CR % | MACs reduction | NMSE | mean rel_frob_err | "
+                 "mean rel_sigma_err | top-1 before FT | top-1 |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    pts = {}
+    for stage in ("e1", "e2", "e3"):
+        for f in sorted((Path(args.out) / stage / "points").glob("*.json"), key=lambda f: f.stat().st_mtime):
+            p = json.loads(f.read_text())
+            nm = nmse_of(p, model) if p.get("model_dir") and p["method"].startswith("norton") else float("nan")
+            pts[(stage, p["method"], p["rank_rule"])] = p
+            lines.append(f"| {stage} | {p['method']} | {p['rank_rule']} | {100 * (1 - p['params'] / base['params']):.2f} "
+                         f"| {base['macs'] / p['macs']:.2f}x | {nm:.4f} | {p['mean_rel_frob_err']:.4f} | "
+                         f"{(p['mean_rel_sigma_err'] or float('nan')):.4f} | {p.get('top1_before_ft', float('nan')):.2f} "
+                         f"| {p['top1']:.2f} |")
+    lines.append("")
+    for r in (1, 2, 3):
+        a = pts.get(("e1", "norton-cp-sigma", f"fixed CP rank R={r}"))
+        b = pts.get(("e1", "norton-cp", f"fixed CP rank R={r}"))
+        if a and b:
+            lines.append(f"- R={r}: norton-cp-sigma {a['top1']:.2f} vs norton-cp {b['top1']:.2f} "
+                         f"({a['top1'] - b['top1']:+.2f} points)")
+    lines.append("")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="e1,e2", help="comma-separated subset of e1,e2,e3,e4")
+    p.add_argument("--stages", default="e1,e2", help="comma-separated subset of e1,e2,e3,e4; 'partial' tabulates the points on disk only")
     p.add_argument("--out", default=str(REPO / "outputs" / "norton_fmnist"), help="point directory (resumable)")
     p.add_argument("--max-iter", type=int, default=100, help="ALS sweeps cap")
     p.add_argument("--threads", type=int, default=2)
@@ -204,6 +231,8 @@ def main() -> None:
     lines = [f"# NORTON on vgg-fmnist (benchmarks/norton_fmnist.py --stages {args.stages})\n",
              f"decomposed layers: {', '.join(_layers(model))} (first conv dense); eval: 10k test images\n"]
     rows = base = None
+    if "partial" in stages:
+        partial_report(args, model, lines)
     if stages & {"e1", "e2"}:
         rows, base = e1(args, model, lines)
     if "e2" in stages:

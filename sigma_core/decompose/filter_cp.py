@@ -117,8 +117,8 @@ def filter_cp_rank(rule: RankRule | BreakEvenRule, kernel_shape: Sequence[int]) 
 
 def filter_nmse(kernel: torch.Tensor, approx: torch.Tensor) -> float:
     """NORTON's NMSE (public code ``NMSE.py``): mean over nonzero filters of ``||K_t - K~_t||^2 / ||K_t||^2``."""
-    k = kernel.reshape(kernel.shape[0], -1).to(F64)
-    d = k - approx.reshape(approx.shape[0], -1).to(k.device, F64)
+    k = kernel.detach().reshape(kernel.shape[0], -1).to(F64)
+    d = k - approx.detach().reshape(approx.shape[0], -1).to(k.device, F64)
     den = (k * k).sum(1)
     ok = den > 0
     if not bool(ok.any()):

@@ -110,6 +110,9 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--calib-samples", type=int, default=500, help="INT8 calibration images (from the Sigma dataset)")
     p.add_argument("--sigma-checkpoint-every", type=int, default=1000, metavar="N",
                    help="checkpoint the Sigma pass every N images, so a killed run continues it (0: never)")
+    from jobs.cli_norton import add_norton_flags
+
+    add_norton_flags(p)
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
@@ -198,7 +201,9 @@ def compress_config(args):
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
     )
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return CompressConfig(
+    from jobs.cli_norton import apply_norton_flags
+
+    return apply_norton_flags(CompressConfig(
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,
         sigma=sigma,
@@ -217,7 +222,7 @@ def compress_config(args):
         finetune_methods=_finetune_methods(args),
         precision=args.precision, calib_samples=args.calib_samples,
         sigma_checkpoint_every=args.sigma_checkpoint_every or None,
-    )
+    ), args)
 
 
 def _cmd_train(args) -> int:

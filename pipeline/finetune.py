@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from pipeline.evaluate import evaluate
 
+from math import isfinite as math_isfinite  # noqa: E402
+
 __all__ = ["FinetuneConfig", "FinetuneData", "finetune", "finetune_data"]
 
 
@@ -53,8 +55,21 @@ class FinetuneConfig:
     holdout: int = 5_000
     seed: int = 0
     data_root: str | None = None
+    # NORTON's optimizer family (SGD momentum + weight decay + warm-up/cosine), an option; Adam stays the default.
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine-warmup"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine-warmup', got {self.schedule!r}")
+        if not (0 <= self.momentum < 1) or self.weight_decay < 0 or not (0 <= self.warmup_epochs <= self.epochs):
+            raise ValueError(f"momentum must be in [0, 1), weight_decay >= 0 and 0 <= warmup_epochs <= epochs, got "
+                             f"{self.momentum}, {self.weight_decay}, {self.warmup_epochs}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
@@ -64,7 +79,11 @@ class FinetuneConfig:
 
     def identity(self) -> dict:
         """JSON-able fields that change the result (cache key of a fine-tuned point)."""
-        return {k: v for k, v in asdict(self).items() if k != "data_root"}
+        ident = {k: v for k, v in asdict(self).items() if k != "data_root"}
+        # The optimizer options were added later: at their defaults they stay out, so existing slugs stay valid.
+        defaults = {"optimizer": "adam", "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",
+                    "warmup_epochs": 0}
+        return {k: v for k, v in ident.items() if k not in defaults or v != defaults[k]}
 
 
 @dataclass(frozen=True)
@@ -121,10 +140,26 @@ def _train_one(model: nn.Module, lr: float, data: FinetuneData, config: Finetune
                bar: tqdm) -> nn.Module:
     """Adam on a copy of ``model``; the batch order depends on the seed only, so every lr sees the same batches."""
     model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     # A ragged last batch of a few images gives noisy BatchNorm batch statistics: drop it (when there is more).
     steps = max(1, len(data.train_y) // config.batch_size)
+    scheduler = None
+    if config.schedule == "cosine-warmup":
+        import math
+
+        total, warm = config.epochs * steps, config.warmup_epochs * steps
+
+        def factor(step: int) -> float:  # NORTON: linear warm-up from 0.01 lr, then cosine to 0 (per step here)
+            if step < warm:
+                return 0.01 + 0.99 * step / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     for epoch in range(config.epochs):
         order = torch.randperm(len(data.train_y), generator=generator)
         for _, (x, y) in zip(range(steps), _batches(data.train_x, data.train_y, config.batch_size, order)):
@@ -132,6 +167,10 @@ def _train_one(model: nn.Module, lr: float, data: FinetuneData, config: Finetune
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if not math_isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite fine-tuning loss {loss.item()} at lr={lr} epoch {epoch + 1}")
             bar.set_postfix(lr=f"{lr:g}", epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
     return model.eval()

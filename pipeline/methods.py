@@ -200,6 +200,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+from pipeline import norton_methods as _norton  # noqa: E402 -- NORTON filter CP (sigma_core.decompose.filter_cp)
+from sigma_core import NortonConv  # noqa: E402
+
+METHODS["norton-cp"] = Method("norton-cp", "filter-cp", False, _norton.norton_frob, NortonConv.from_result,
+                              resolve_ranks=_norton.filter_cp_ranks)
+METHODS["norton-cp-sigma"] = Method("norton-cp-sigma", "filter-cp", True, _norton.norton_sigma,
+                                    NortonConv.from_result, resolve_ranks=_norton.filter_cp_ranks)
+
+from pipeline import norton as _norton_stage  # noqa: E402 -- pruning-only baseline of NORTON (pipeline.norton)
+
+METHODS["dense-prune"] = Method("dense-prune", "dense", False, _norton_stage.dense_identity, _norton_stage.build_dense,
+                                resolve_ranks=_norton_stage.dense_ranks)
+
+
 def get_method(name: str) -> Method:
     """Look up a registered method, with an error listing the valid names."""
     try:

@@ -36,6 +36,7 @@ from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
 from pipeline.preflight import check_writable_dir
+from pipeline.norton import PruneConfig, norton_prune, pruned_module_names
 from pipeline.report import layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
@@ -110,6 +111,9 @@ class CompressConfig:
     precision: bool = False
     calib_samples: int = 500
     sigma_checkpoint_every: int | None = 1000
+    # NORTON's model-level pruning stage (pipeline.norton), applied after decomposition to the points of
+    # filter-CP methods and of dense-prune; None = no pruning (existing slugs unchanged).
+    prune: "PruneConfig | None" = None
 
     def __post_init__(self) -> None:
         if self.weights is None and self.model in REFERENCE_MODELS and self.num_classes != _REFERENCE_CLASSES:
@@ -139,7 +143,11 @@ class CompressConfig:
         self._check_extras()
 
     def _check_cp_rank(self) -> None:
-        cp = [m for m in self.methods if get_method(m).family == "cp"]
+        filter_cp = [m for m in self.methods if get_method(m).family == "filter-cp"]
+        if filter_cp and self.cp_rank is None and self.fraction is None:
+            raise ValueError(f"{', '.join(filter_cp)} (NORTON filter CP) have no alpha/VBMF rank rule: give "
+                             "cp_rank R (--cp-rank R) or a fraction of the per-filter maximum rank (--fraction)")
+        cp = [m for m in self.methods if get_method(m).family in ("cp", "filter-cp")]
         if self.ranks is not None and cp:
             raise ValueError(f"ranks (R_T, R_S) are Tucker-2 ranks; for the CP methods {', '.join(cp)} give "
                              "cp_rank R (--cp-rank R), alphas or a fraction")
@@ -148,7 +156,7 @@ class CompressConfig:
         if self.ranks is not None or self.fraction is not None:
             raise ValueError("give only one of ranks, fraction and cp_rank")
         RankRule(cp_rank=self.cp_rank)  # validates the value
-        not_cp = [m for m in self.methods if get_method(m).family != "cp"]
+        not_cp = [m for m in self.methods if get_method(m).family not in ("cp", "filter-cp")]
         if not_cp:
             raise ValueError(f"cp_rank is a CP rank but methods {not_cp} are not CP methods; use ranks / fraction "
                              "/ alphas for them, or run them separately")
@@ -258,6 +266,8 @@ def _slug(method: str, rule: RankRule, config: CompressConfig, weights: str) -> 
     name, class count and weights fingerprint included (a resumed job never reuses another model's points)."""
     extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
     extra["model"] = {"name": config.model, "num_classes": config.num_classes, "weights": weights}
+    if config.prune is not None and _prunes(method, config):
+        extra["prune"] = config.prune.identity()
     solver = asdict(config.solver)
     if solver["cp_init"] == "svd":  # the default, added later: leave it out so that existing slugs stay valid
         del solver["cp_init"]
@@ -337,6 +347,9 @@ def _feasibility(model: nn.Module, assignment: dict[str, dict[str, str]], config
             listed = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3])
             raise ValueError(f"method {method} cannot compress any of its layers ({listed}): choose ranks within "
                              "each layer's shape (or alphas / --fraction) and layers the method applies to")
+def _prunes(label: str, config: CompressConfig) -> bool:
+    """Whether the pruning stage applies to points of method ``label`` (filter-CP methods and dense-prune)."""
+    return config.prune is not None and get_method(label.split("+")[0]).family in ("filter-cp", "dense")
 
 
 def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: dict, acc: dict, layers, secs):
@@ -436,6 +449,9 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
                data_cache, out, tracker, weights):
     hybrid = any(m != method for m in layer_methods.values())
     label = f"{method}+{config.linear_method}" if hybrid else method  # paper Table 5: "Tucker2-ALS-Sigma + SVD-Sigma"
+    pruning = _prunes(method, config)
+    if pruning:
+        label = f"{label}+{config.prune.label()}"
     slug = _slug(label, rule, config, weights)
     path = out / "points" / f"{slug}.json"
     done = _finished_point(path, out, config)
@@ -448,6 +464,9 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method, options=config.solver,
                                           device=config.device, progress=config.progress, stats=layer_stats,
                                           overrides=overrides)
+    prune_report = None
+    if pruning:
+        compressed, prune_report = norton_prune(compressed, config.prune, input_shape=input_shape, sigmas=sigmas)
     secs = time.perf_counter() - tic
     if not any(o.ok for o in outcomes):
         raise PointFailed(slug, {o.name: o.error or "" for o in outcomes})
@@ -456,13 +475,19 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     stats = model_stats(compressed.cpu(), input_shape)
     point = _point_metrics(label, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
     point.update(slug=slug, model=config.model, weights=weights)
+    if prune_report is not None:
+        point["prune"] = prune_report
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": alpha,
                             "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
                      nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if k != "layers"})
         tracker.log_layers(point["layers"])
         if config.save_models:
-            point.update(_save_point_model(out, slug, config, compressed, [o.name for o in outcomes if o.ok],
+            replaced = [o.name for o in outcomes if o.ok]
+            if prune_report is not None:
+                replaced = list(dict.fromkeys(replaced + pruned_module_names(prune_report)))
+            point["replaced"] = replaced
+            point.update(_save_point_model(out, slug, config, compressed, replaced,
                                            {"method": label, "rank_rule": rule.describe()}))
             tracker.log_artifact(out / point["model_dir"], "model")
     atomic_write_text(path, json.dumps(point, indent=2, default=str))
@@ -496,7 +521,7 @@ def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, con
                             "best_lr": info["best_lr"]}, nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if isinstance(v, (int, float)) and v is not None})
         if config.save_models:
-            replaced = [row["name"] for row in base["layers"] if row["error"] is None]
+            replaced = base.get("replaced") or [row["name"] for row in base["layers"] if row["error"] is None]
             point.update(_save_point_model(out, slug, config, tuned, replaced,
                                            {"method": label, "rank_rule": rule.describe(),
                                             "best_lr": info["best_lr"]}))

@@ -95,3 +95,18 @@ __all__ += ["INITS"]
 from sigma_core.covariance import PSD_TOL, check_psd  # noqa: E402
 
 __all__ += ["PSD_TOL", "check_psd"]
+from sigma_core.decompose import (  # NORTON filter CP (sigma_core.decompose.filter_cp)
+    FilterCPResult,
+    FilterCPSigmaConfig,
+    filter_cp_als,
+    filter_cp_als_sigma,
+    filter_cp_breakeven_rank,
+    filter_cp_max_rank,
+    filter_cp_rank,
+    filter_nmse,
+)
+from sigma_core.layers_norton import NortonConv, PrunedBatchNorm2d, PrunedConv2d, PrunedLinear
+
+__all__ += ["FilterCPResult", "FilterCPSigmaConfig", "filter_cp_als", "filter_cp_als_sigma",
+            "filter_cp_breakeven_rank", "filter_cp_max_rank", "filter_cp_rank", "filter_nmse", "NortonConv",
+            "PrunedBatchNorm2d", "PrunedConv2d", "PrunedLinear"]

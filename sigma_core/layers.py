@@ -517,7 +517,10 @@ class CPConv(_FactorizedLayer):
 
 
 def _spec_types() -> dict[str, type[_FactorizedLayer]]:
-    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv)}
+    from sigma_core import layers_norton  # NORTON layers + pruned plain layers (imports this module)
+
+    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv,
+                                          *layers_norton.SPEC_TYPES)}
 
 
 def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = None,

@@ -22,3 +22,16 @@ __all__ += ["LowRankResult", "svd_sigma", "svd_truncated"]
 __all__ += ["WeightedTucker2Config", "ag_lra", "fw_lra", "row_weighted_tucker2", "weighted_rel_err", "weighted_tucker2"]
 __all__ += ["INITS"]
 __all__ += ["CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma"]
+from sigma_core.decompose._filter_result import FilterCPResult
+from sigma_core.decompose.filter_cp import (
+    FilterCPSigmaConfig,
+    filter_cp_als,
+    filter_cp_als_sigma,
+    filter_cp_breakeven_rank,
+    filter_cp_max_rank,
+    filter_cp_rank,
+    filter_nmse,
+)
+
+__all__ += ["FilterCPResult", "FilterCPSigmaConfig", "filter_cp_als", "filter_cp_als_sigma",
+            "filter_cp_breakeven_rank", "filter_cp_max_rank", "filter_cp_rank", "filter_nmse"]

@@ -517,7 +517,9 @@ class CPConv(_FactorizedLayer):
 
 
 def _spec_types() -> dict[str, type[_FactorizedLayer]]:
-    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv)}
+    from sigma_core.layers_tucker import TuckerConv  # its own module; imported here to avoid an import cycle
+
+    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv, TuckerConv)}
 
 
 def module_from_spec(spec: dict[str, Any], device: torch.device | str | None = None,

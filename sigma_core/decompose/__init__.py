@@ -1,7 +1,7 @@
 """Decompositions of conv kernels; each returns a frozen result dataclass."""
 
 from sigma_core.decompose._checks import INITS
-from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result
+from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result, TuckerResult
 from sigma_core.decompose.cp_frobenius import cp_als
 from sigma_core.decompose.cp_sigma import CPSigmaConfig, cp_als_sigma
 from sigma_core.decompose.deflation import cp_deflation_sigma
@@ -22,3 +22,4 @@ __all__ += ["LowRankResult", "svd_sigma", "svd_truncated"]
 __all__ += ["WeightedTucker2Config", "ag_lra", "fw_lra", "row_weighted_tucker2", "weighted_rel_err", "weighted_tucker2"]
 __all__ += ["INITS"]
 __all__ += ["CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma"]
+__all__ += ["TuckerResult"]

@@ -40,9 +40,9 @@ __all__ = ["TDLRTConfig", "TDLRTConv", "TDLRTData", "CheckpointMismatchError", "
            "load_tdlrt_data", "train_tdlrt", "run_dir", "conv_compression_percent", "initial_state",
            "read_history"]
 
-TRAIN_METHODS = ("tdlrt", "tdlrt-sigma", "sgd-baseline")
+TRAIN_METHODS = ("tdlrt", "sgd-baseline")
 INITS = ("half-rank", "dense-hosvd", "pretrained")
-PRETRAINED_METHODS = ("hosvd", "tucker2-als", "tucker2-als-sigma")
+PRETRAINED_METHODS = ("hosvd",)
 CHECKPOINT_FORMAT = "sigma-compress/tdlrt-checkpoint/1"
 _EVAL_BATCH = 1000
 # Fields that may change between a run and its resumption: they do not change the trajectory.
@@ -61,9 +61,8 @@ class TDLRTConfig:
     ----------
     model : str
         Registered architecture (default the TDLRT paper's LeNet5).
-    method : {"tdlrt", "tdlrt-sigma", "sgd-baseline"}
-        Training method (:data:`TRAIN_METHODS`); ``tdlrt-sigma`` truncates in the layer-output (Sigma) norm
-        (beyond the paper), ``sgd-baseline`` trains the dense model with the same protocol.
+    method : {"tdlrt", "sgd-baseline"}
+        Training method (:data:`TRAIN_METHODS`); ``sgd-baseline`` trains the dense model with the same protocol.
     tau : float
         Relative truncation tolerance in [0, 1) (ignored by the baseline).
     epochs, batch_size, lr, momentum, plateau_factor, plateau_patience
@@ -80,12 +79,10 @@ class TDLRTConfig:
         ``pretrained``: decomposition of ``pretrained`` weights by ``init_method`` (fine-tuning entry point).
     pretrained : str or None
         Weights file of the dense model (``init="pretrained"``).
-    init_method : {"hosvd", "tucker2-als", "tucker2-als-sigma"}
-        Decomposition of the pretrained kernels.
+    init_method : {"hosvd"}
+        Decomposition of the pretrained kernels (HOSVD to ``init_tau``).
     init_tau : float or None
         Tolerance of the initial HOSVD (``init="pretrained"``, ``init_method="hosvd"``; None: ``tau``).
-    init_alpha : float
-        Alpha rank rule of the Tucker-2 initial decompositions (``tucker2-*``).
     rule : {"tntorch", "per-mode"}
         Truncation rule (:func:`sigma_core.tucker.truncate_tucker`).
     modes : tuple of int
@@ -96,8 +93,6 @@ class TDLRTConfig:
         Conv layers trained in Tucker format (None: every ``groups == 1`` conv, the first included).
     train_subset, test_subset : int or None
         First N training / test images (smoke runs and tests).
-    sigma_samples : int
-        Training images for the Sigma refresh of ``tdlrt-sigma`` (once per epoch).
     data_root : str or None
         Fashion-MNIST directory (None: the Debian default).
     num_threads : int or None
@@ -120,14 +115,12 @@ class TDLRTConfig:
     pretrained: str | None = None
     init_method: str = "hosvd"
     init_tau: float | None = None
-    init_alpha: float = 0.5
     rule: str = "tntorch"
     modes: tuple[int, ...] = (0, 1, 2, 3)
     rmin: int = 1
     layers: tuple[str, ...] | None = None
     train_subset: int | None = None
     test_subset: int | None = None
-    sigma_samples: int = 2000
     data_root: str | None = None
     num_threads: int | None = None
 
@@ -347,9 +340,10 @@ def initial_state(config: TDLRTConfig, conv: nn.Conv2d, name: str, generator: to
         return _half_rank_state(conv, generator)
     if config.init == "dense-hosvd":
         return _full_hosvd_state(conv.weight)
-    from pipeline.tdlrt_init import pretrained_state
-
-    return pretrained_state(config, conv, name, sigma)
+    # init == "pretrained": HOSVD of the trained kernel to init_tau (default tau), then rank-adaptive fine-tuning.
+    tol = config.tau if config.init_tau is None else config.init_tau
+    return TuckerState.from_result(hosvd(conv.weight.detach().to(torch.float64), tol=tol, rule=config.rule,
+                                         rmin=config.rmin))
 
 
 def _tdlrt_layer_names(model: nn.Module, config: TDLRTConfig) -> list[str]:
@@ -376,14 +370,8 @@ def _build_model(config: TDLRTConfig) -> tuple[nn.Module, list[str]]:
         if config.is_baseline:
             return model, []
         names = _tdlrt_layer_names(model, config)
-        sigmas = None
-        if config.init == "pretrained" and config.init_method == "tucker2-als-sigma":
-            from pipeline.tdlrt_init import pretrained_sigmas
-
-            sigmas = pretrained_sigmas(config, model, names)
         layers = {name: TDLRTConv(get_module(model, name),
-                                  initial_state(config, get_module(model, name), name, generator,
-                                                None if sigmas is None else sigmas[name]))
+                                  initial_state(config, get_module(model, name), name, generator))
                   for name in names}
         return replace_modules(model, layers), names
 
@@ -566,11 +554,6 @@ def _train(config, data, output_dir, tracker, progress, resume, restart, on_step
     layers = _tdlrt_layers(model, names)
     shapes = {name: layer.state.shape for name, layer in layers.items()}
     dense_conv = 2 * sum(math.prod(s) for s in shapes.values())
-    sigma_refresh = None
-    if config.method == "tdlrt-sigma":
-        from pipeline.tdlrt_sigma import SigmaTruncation
-
-        sigma_refresh = SigmaTruncation(config, data)
     steps_per_epoch = len(data.train_y) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(data.train_y)} training images are fewer than one batch of {config.batch_size}")
@@ -580,8 +563,6 @@ def _train(config, data, output_dir, tracker, progress, resume, restart, on_step
                    disable=not progress)
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            if sigma_refresh is not None:
-                sigma_refresh.refresh(model, names)
             order = torch.randperm(len(data.train_y), generator=generator)
             lr = optimizer.param_groups[0]["lr"]
             step_cfg = TDLRTStepConfig(lr=lr, tau=config.tau, momentum=config.momentum, modes=config.modes,
@@ -600,10 +581,7 @@ def _train(config, data, output_dir, tracker, progress, resume, restart, on_step
                 with torch.no_grad():
                     step_mem = 0
                     for name, layer in layers.items():
-                        if sigma_refresh is not None:
-                            info = sigma_refresh.step(name, layer, step_cfg)
-                        else:
-                            info = layer.step(step_cfg)
+                        info = layer.step(step_cfg)
                         trunc_errs.append(info.rel_trunc_err)
                         orth = max(orth, info.orth_err)
                         step_mem += _train_memory(info, shapes[name])
@@ -625,8 +603,6 @@ def _train(config, data, output_dir, tracker, progress, resume, restart, on_step
                    "trunc_err_mean": sum(trunc_errs) / len(trunc_errs) if trunc_errs else 0.0,
                    "trunc_err_max": max(trunc_errs) if trunc_errs else 0.0, "orth_err_max": orth,
                    "ranks": ranks, "seconds": time.perf_counter() - t0}
-            if sigma_refresh is not None:
-                row.update(sigma_refresh.diagnostics())
             history.append(row)
             improved = best is None or val_loss < best["val_loss"]
             if improved:

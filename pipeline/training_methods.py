@@ -54,8 +54,6 @@ class TrainingMethod:
 TRAINING_METHODS: dict[str, TrainingMethod] = {
     "tdlrt": TrainingMethod("tdlrt", "tucker", None, _train("tdlrt"),
                             description="rank-adaptive Tucker training, Frobenius truncation (Zangrando et al. 2023)"),
-    "tdlrt-sigma": TrainingMethod("tdlrt-sigma", "tucker", "sigma", _train("tdlrt-sigma"),
-                                  description="TDLRT with layer-output (Sigma-norm) truncation; beyond the paper"),
     "sgd-baseline": TrainingMethod("sgd-baseline", "dense", None, _train("sgd-baseline"), layer_types=(),
                                    description="dense model, the identical protocol (Table 3 baseline row)"),
 }

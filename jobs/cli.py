@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables = sub.add_parser("paper-tables", help="the paper's Tables 3-4 (Tucker-2 baselines + fine-tuning) or "
                                                  "Table 6 (CP-ALS vs CP-ALS-Sigma over seeds) on Fashion-MNIST")
     _add_common(tables)
-    tables.add_argument("--table", default="3-4", choices=("3-4", "6", "all"))
+    tables.add_argument("--table", default="3-4", choices=("3-4", "6", "all", "tdlrt-3"))
     tables.add_argument("--alpha", type=_floats, default=(0.7, 0.8, 0.9), help="rows of Tables 3-4")
     tables.add_argument("--cp-alpha", type=_floats, default=(0.8, 0.9), help="rows of Table 6")
     tables.add_argument("--cp-seeds", type=int, default=5, help="seeds of Table 6")
@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(tables)
     tables.add_argument("--output-dir", default="outputs/paper_tables")
     tables.add_argument("--save", default=None, metavar="FILE", help="also write the printed table(s) to FILE")
+    from jobs.cli_tdlrt import add_table_args, add_tdlrt_parser
+
+    add_table_args(tables)
+    add_tdlrt_parser(sub)
     return parser
 
 
@@ -298,6 +302,15 @@ def _cmd_paper_tables(args) -> int:
     if args.num_classes != 10:
         raise ValueError("--num-classes does not apply to paper-tables: they use the Fashion-MNIST reference models "
                          "(10 classes)")
+    if args.table == "tdlrt-3":
+        from jobs.cli_tdlrt import cmd_tdlrt_table
+
+        text = cmd_tdlrt_table(args)
+        print(text)
+        if args.save:
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.save).write_text(text + "\n")
+        return 0
     config = paper_tables_config(args)
     texts = []
     if args.table in ("3-4", "all"):
@@ -324,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                                *(["--dry-run"] if args.dry_run else [])])
         if args.command == "paper-tables":
             return _cmd_paper_tables(args)
+        if args.command == "tdlrt":
+            from jobs.cli_tdlrt import cmd_tdlrt
+
+            return cmd_tdlrt(args)
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

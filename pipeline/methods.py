@@ -220,3 +220,9 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
+
+
+# Training methods (TDLRT, its dense baseline) live in their own registry beside this one.
+from pipeline.training_methods import TRAINING_METHODS, TrainingMethod, get_training_method  # noqa: E402
+
+__all__ += ["TRAINING_METHODS", "TrainingMethod", "get_training_method"]

@@ -19,6 +19,7 @@ __all__ = [
     "REFERENCE_MODELS",
     "TORCHVISION_MODELS",
     "BasicBlock",
+    "LeNet5",
     "ResNetFMNIST",
     "VGGFMNIST",
     "build_model",
@@ -180,6 +181,34 @@ class VGGFMNIST(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNet5(nn.Module):
+    """LeNet5 as in the TDLRT paper's code base (DLRT-Net ``models_folder/Lenet5.py``; TDLRT spec Sec. 6.1).
+
+    ``Conv2d(1,20,5) -> ReLU -> MaxPool2d(2) -> Conv2d(20,50,5) -> ReLU -> MaxPool2d(2) -> Flatten(800)
+    -> Linear(800,500) -> ReLU -> Linear(500,num_classes)``; biases on, no padding, no BatchNorm.
+    431,080 parameters; 2,293,000 MACs per 28x28 image.
+
+    Notes
+    -----
+    Input ``(B, in_channels, 28, 28)`` -> logits ``(B, num_classes)``. Used by the TDLRT reproduction
+    (:mod:`pipeline.tdlrt`), trained with the paper's own protocol rather than :mod:`pipeline.train`'s.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        return self.fc2(self.relu(self.fc1(torch.flatten(x, 1))))
+
+
 # --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
@@ -195,6 +224,7 @@ def _torchvision_builder(arch: str, **extra: object) -> Callable[[int], nn.Modul
 REFERENCE_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet-fmnist": lambda num_classes: ResNetFMNIST(num_classes=num_classes),
     "vgg-fmnist": lambda num_classes: VGGFMNIST(num_classes=num_classes),
+    "lenet5-fmnist": lambda num_classes: LeNet5(num_classes=num_classes),
 }
 TORCHVISION_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": _torchvision_builder("resnet18"),

@@ -518,8 +518,9 @@ class CPConv(_FactorizedLayer):
 
 def _spec_types() -> dict[str, type[_FactorizedLayer]]:
     from sigma_core import layers_norton  # NORTON layers + pruned plain layers (imports this module)
+    from sigma_core.layers_tucker import TuckerConv  # its own module; imported here to avoid an import cycle
 
-    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv,
+    return {cls.__name__: cls for cls in (Tucker2Conv, LowRankLinear, LowRank1x1Conv, CPConv, TuckerConv,
                                           *layers_norton.SPEC_TYPES)}
 
 

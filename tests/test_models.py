@@ -44,7 +44,7 @@ def test_reference_model_shapes(name: str) -> None:
     assert build_model(name, num_classes=7)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
+@pytest.mark.parametrize("name", sorted(set(REFERENCE_MODELS) - {"lenet5-fmnist"}))  # LeNet5: the TDLRT paper's net
 def test_reference_model_is_mostly_wide_convs_with_batchnorm(name: str) -> None:
     model = build_model(name)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

@@ -1,7 +1,7 @@
 """Decompositions of conv kernels; each returns a frozen result dataclass."""
 
 from sigma_core.decompose._checks import INITS
-from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result
+from sigma_core.decompose._result import CPResult, LowRankResult, Tucker2Result, TuckerResult
 from sigma_core.decompose.cp_frobenius import cp_als
 from sigma_core.decompose.cp_sigma import CPSigmaConfig, cp_als_sigma
 from sigma_core.decompose.deflation import cp_deflation_sigma
@@ -35,3 +35,4 @@ from sigma_core.decompose.filter_cp import (
 
 __all__ += ["FilterCPResult", "FilterCPSigmaConfig", "filter_cp_als", "filter_cp_als_sigma",
             "filter_cp_breakeven_rank", "filter_cp_max_rank", "filter_cp_rank", "filter_nmse"]
+__all__ += ["TuckerResult"]

@@ -207,3 +207,104 @@ class LowRankResult:
     def reconstruct(self) -> torch.Tensor:
         """Dense weight ``second @ first`` in the original weight's shape (``(out, in)`` or ``(T, S, 1, 1)``)."""
         return (self.second @ self.first).reshape(self.shape)
+
+
+def validate_tucker_ranks(ranks, shape) -> tuple[int, ...]:
+    """Check ``1 <= r_i <= n_i`` and ``r_i <= prod_{j != i} r_j``; return the ranks as a tuple of int.
+
+    Raises
+    ------
+    ValueError
+        Naming the offending mode and the valid range.
+    """
+    import math
+
+    ranks = tuple(ranks)
+    shape = tuple(int(n) for n in shape)
+    if len(ranks) != len(shape) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise ValueError(f"ranks must be {len(shape)} ints (one per mode of {shape}), got {ranks!r}")
+    for i, (r, n) in enumerate(zip(ranks, shape)):
+        if not 1 <= r <= n:
+            raise ValueError(f"rank {r} of mode {i} must satisfy 1 <= r <= n_{i}={n} (ranks {ranks}, shape {shape})")
+        others = math.prod(ranks[:i] + ranks[i + 1:])
+        if r > others:
+            raise ValueError(f"ranks {ranks} are not valid Tucker ranks: r_{i}={r} > product of the other ranks "
+                             f"{others}; lower r_{i} to <= {others} or raise the other ranks")
+    return ranks
+
+
+@dataclass(frozen=True)
+class TuckerResult:
+    """Full 4-mode Tucker factorization ``K ~ C x_1 U_T x_2 U_S x_3 U_H x_4 U_W`` of a conv kernel.
+
+    TDLRT spec Sec. 2.3 (Zangrando et al. 2023, Sec. 2.1).
+
+    Attributes
+    ----------
+    core : torch.Tensor, shape (R_T, R_S, R_H, R_W)
+    u_t, u_s, u_h, u_w : torch.Tensor, shapes (T, R_T), (S, R_S), (H, R_H), (W, R_W)
+        Orthonormal-column factors.
+    ranks : tuple of int
+        ``(R_T, R_S, R_H, R_W)``, valid Tucker ranks (``r_i <= prod_{j != i} r_j``).
+    errors : tuple of float
+        Error history (``metric``).
+    converged : bool
+    method : str
+        ``"tucker-hosvd"``, ``"tdlrt"``, ...
+    metric : str
+        ``"rel_frob_err"`` or ``"rel_sigma_err"``.
+    info : dict
+        Diagnostics. Not compared for equality.
+    """
+
+    core: torch.Tensor
+    u_t: torch.Tensor
+    u_s: torch.Tensor
+    u_h: torch.Tensor
+    u_w: torch.Tensor
+    ranks: tuple[int, int, int, int]
+    errors: tuple[float, ...]
+    converged: bool
+    method: str
+    metric: str = "rel_frob_err"
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.core, torch.Tensor) and self.core.dim() == 4,
+               f"core must be a 4-D tensor (R_T, R_S, R_H, R_W), got "
+               f"{tuple(self.core.shape) if isinstance(self.core, torch.Tensor) else type(self.core).__name__}")
+        ranks = tuple(self.ranks)
+        _check(len(ranks) == 4, f"ranks must be 4 ints (R_T, R_S, R_H, R_W), got {self.ranks!r}")
+        for name, r in zip(("u_t", "u_s", "u_h", "u_w"), ranks):
+            factor = getattr(self, name)
+            _check(isinstance(factor, torch.Tensor) and factor.dim() == 2 and factor.shape[1] == r,
+                   f"{name} must be (rows, {r}), got "
+                   f"{tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__}")
+        _check(tuple(self.core.shape) == ranks, f"core shape {tuple(self.core.shape)} != ranks {ranks}")
+        validate_tucker_ranks(ranks, self.kernel_shape)
+        object.__setattr__(self, "ranks", ranks)
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_T, U_S, U_H, U_W)``."""
+        return (self.u_t, self.u_s, self.u_h, self.u_w)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        """Shape ``(T, S, H, W)`` of the approximated kernel."""
+        return tuple(int(f.shape[0]) for f in self.factors)  # type: ignore[return-value]
+
+    def reconstruct(self) -> torch.Tensor:
+        """Dense kernel ``K~ = einsum("abcd,ta,sb,hc,wd->tshw")``, shape (T, S, H, W)."""
+        return torch.einsum("abcd,ta,sb,hc,wd->tshw", self.core, *self.factors)
+
+    def to_tucker2(self) -> Tucker2Result:
+        """Exact Tucker-2 form ``(C x_3 U_H x_4 U_W, U_T, U_S)`` (cheaper when the spatial ranks are full)."""
+        core = torch.einsum("abcd,hc,wd->abhw", self.core, self.u_h, self.u_w)
+        return Tucker2Result(core=core, u_t=self.u_t, u_s=self.u_s, ranks=ranks_pair(self.ranks),
+                             errors=self.errors, converged=self.converged, method=self.method, metric=self.metric,
+                             info=dict(self.info))
+
+
+def ranks_pair(ranks: tuple[int, ...]) -> tuple[int, int]:
+    return (int(ranks[0]), int(ranks[1]))

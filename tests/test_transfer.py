@@ -218,3 +218,16 @@ def test_calibration_and_data_free_sources_run(net, tmp_path):
     free, _ = compute_sigmas(net, layers, SigmaSource(DatasetSpec("bn-prior"), 1), cache=cache, progress=False)
     for sigma in free.values():
         validate_sigma(sigma)
+
+
+def test_transfer_sweep_config_parses():
+    from jobs.yaml_config import sweep_config_from_yaml
+
+    config = sweep_config_from_yaml("jobs/configs/transfer_fmnist_sweep.yaml")
+    by_label = {s.name: s for s in config.sigma_sources}
+    assert by_label["fmnist-bag"].dataset.classes == (8,)
+    assert by_label["mix-50-50"].dataset.counts == (1000, 16)
+    assert by_label["digits-oas-kron"].shrinkage == Shrinkage("oas", "kronecker", count="images")
+    assert by_label["digits-cal"].calibration == "bn-scale"
+    assert by_label["fmnist"].identity() == DatasetSpec("fashion-mnist").identity()  # plain keys unchanged
+    assert "sigma_transform" in by_label["digits-cal"].identity()

@@ -66,6 +66,14 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--sigma-split", default="train")
     p.add_argument("--sigma-image-size", type=int, default=None, help="resample Sigma images to this size")
     p.add_argument("--resample", default="bilinear", choices=("bilinear", "bicubic"))
+    p.add_argument("--sigma-classes", default=None, help="Sigma from these classes only (names or indices, comma "
+                                                          "separated; paper Table 13)")
+    p.add_argument("--sigma-down-size", type=int, default=None, help="down-then-up: resize Sigma images to this "
+                                                                     "size first (paper Tables 9-10 'Down')")
+    p.add_argument("--shrinkage", default=None, help="shrink Sigma: oas, lw, oas:kronecker, oas:identity:images or "
+                                                     "a fixed intensity in [0, 1] (sigma_core.shrinkage)")
+    p.add_argument("--calibration", default=None, choices=("bn-scale",),
+                   help="rescale a transferred Sigma per channel to the model's BatchNorm moments (beyond the paper)")
     p.add_argument("-n", "--n-samples", type=int, default=2000, help="images used for Sigma")
     p.add_argument("--sigma-seed", type=int, default=0)
     p.add_argument("--centered", action="store_true", help="centered covariance instead of E[uu^T]")
@@ -199,10 +207,16 @@ def compress_config(args):
     def root_for(name, root):
         return root if root is not None else (args.data_root if name == "fashion-mnist" else None)
 
+    from pipeline.transfer import Shrinkage
+
+    classes = None if args.sigma_classes is None else tuple(
+        int(c) if c.strip().isdigit() and args.sigma_dataset != "digits" else c.strip()
+        for c in args.sigma_classes.split(",") if c.strip())
     sigma = SigmaSource(
         DatasetSpec(args.sigma_dataset, root_for(args.sigma_dataset, args.sigma_root), args.sigma_split,
-                    args.sigma_image_size, args.resample),
+                    args.sigma_image_size, args.resample, classes=classes, down_size=args.sigma_down_size),
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
+        shrinkage=None if args.shrinkage is None else Shrinkage.parse(args.shrinkage), calibration=args.calibration,
     )
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     from jobs.cli_norton import apply_norton_flags

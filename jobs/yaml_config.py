@@ -148,13 +148,14 @@ def _scalar(value, hint, where):
 # Shorthands for the dataset-like configs
 # --------------------------------------------------------------------------- #
 def _dataset_spec(data, where):
-    from pipeline.data import DATASET_NAMES, RESAMPLE_MODES, SPLITS, DatasetSpec
+    from pipeline.data import DATASET_NAMES, RESAMPLE_MODES, SIGMA_ONLY_NAMES, SPLITS, DatasetSpec
 
     if isinstance(data, str):
         data = {"name": data}
     spec = _plain(DatasetSpec, data, where)
-    if spec.name not in DATASET_NAMES:
-        raise ConfigError(f"{where}.name: unknown dataset {spec.name!r}; valid: {', '.join(DATASET_NAMES)}")
+    if spec.name not in DATASET_NAMES + SIGMA_ONLY_NAMES:
+        raise ConfigError(f"{where}.name: unknown dataset {spec.name!r}; valid: "
+                          f"{', '.join(DATASET_NAMES + SIGMA_ONLY_NAMES)}")
     if spec.split not in SPLITS:
         raise ConfigError(f"{where}.split: expected one of {', '.join(SPLITS)}, got {spec.split!r}")
     if spec.resample not in RESAMPLE_MODES:
@@ -175,14 +176,35 @@ def _sweep_source(data, where):
         raise ConfigError(f"{where}: expected a dataset name or a mapping, got {data!r}")
     data = dict(data)
     label = data.pop("label", None)
+    transform = {key: data.pop(key) for key in ("shrinkage", "calibration") if key in data}
     if "dataset" in data:
         if set(data) != {"dataset"}:
             raise ConfigError(f"{where}: give either dataset: {{...}} or flat dataset keys, not both")
         dataset, dataset_where = data["dataset"], f"{where}.dataset"
     else:
         dataset, dataset_where = data, where
-    return SweepSource(_dataset_spec(dataset, dataset_where),
-                       label=None if label is None else _scalar(label, str, f"{where}.label"))
+    kwargs = {}
+    if transform.get("shrinkage") is not None:
+        kwargs["shrinkage"] = _shrinkage(transform["shrinkage"], f"{where}.shrinkage")
+    if transform.get("calibration") is not None:
+        kwargs["calibration"] = _scalar(transform["calibration"], str, f"{where}.calibration")
+    try:
+        return SweepSource(_dataset_spec(dataset, dataset_where),
+                           label=None if label is None else _scalar(label, str, f"{where}.label"), **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _shrinkage(data, where):
+    """``shrinkage: oas`` / ``oas:kronecker:images`` / ``0.3``, or a mapping of Shrinkage fields."""
+    from pipeline.transfer import Shrinkage
+
+    if isinstance(data, (str, int, float)) and not isinstance(data, bool):
+        try:
+            return Shrinkage.parse(str(data))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return _plain(Shrinkage, data, where)
 
 
 def _sigma_source(data, where):
@@ -203,8 +225,10 @@ def _shorthands() -> dict:
     from pipeline.compress import SigmaSource
     from pipeline.data import DatasetSpec
     from pipeline.sweep import SweepSource
+    from pipeline.transfer import Shrinkage
 
-    return {DatasetSpec: _dataset_spec, SweepSource: _sweep_source, SigmaSource: _sigma_source}
+    return {DatasetSpec: _dataset_spec, SweepSource: _sweep_source, SigmaSource: _sigma_source,
+            Shrinkage: _shrinkage}
 
 
 # --------------------------------------------------------------------------- #

@@ -24,6 +24,7 @@ from pipeline.evaluate import evaluate
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
 from pipeline.sigma_cache import SigmaCache, SigmaKey, fetch_sigmas, model_fingerprint
+from pipeline.transfer import CALIBRATIONS, Shrinkage, compute_source_sigmas, is_plain, transform_identity
 from sigma_core import (
     RankRule,
     accumulate_sigma,
@@ -51,21 +52,33 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SigmaSource:
-    """Where Sigma comes from: a dataset view, how many images, which random subset."""
+    """Where Sigma comes from: a dataset view, how many images, which random subset.
+
+    ``shrinkage`` (OAS / Ledoit-Wolf, :class:`pipeline.transfer.Shrinkage`) and ``calibration`` (``"bn-scale"``:
+    per-channel rescale to the model's BatchNorm moments, beyond the paper) transform the Sigma of the images;
+    a mixture / ``bn-prior`` dataset and both transforms are computed by :mod:`pipeline.transfer`.
+    """
 
     dataset: DatasetSpec
     n_samples: int = 2000
     seed: int = 0
     centered: bool = False
     batch_size: int = 250
+    shrinkage: Shrinkage | None = None
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)} or unset, got "
+                             f"{self.calibration!r}")
 
     def identity(self) -> dict:
-        return {"dataset": self.dataset.identity(), "n": self.n_samples, "seed": self.seed,
-                "centered": self.centered}
+        out = {"dataset": self.dataset.identity(), "n": self.n_samples, "seed": self.seed,
+               "centered": self.centered}
+        extra = transform_identity(self)
+        return out if extra is None else {**out, "transform": extra}
 
 
 def compute_sigmas(
@@ -99,6 +112,18 @@ def compute_sigmas(
         ``cached`` (every layer from the cache), whole-set cache ``key``, ``seconds``, number of ``images``,
         ``cached_layers`` / ``computed_layers`` and ``patches`` per computed layer.
     """
+    layer_names = list(layer_names)
+    if not is_plain(source):  # mixture, data-free, shrinkage, calibration: built from plain Sigmas
+        return compute_source_sigmas(model, layer_names, source, base=_plain_sigmas, cache=cache,
+                                     data_cache_dir=data_cache_dir, progress=progress)
+    return _plain_sigmas(model, layer_names, source, device=device, cache=cache, data_cache_dir=data_cache_dir,
+                         progress=progress)
+
+
+def _plain_sigmas(model: nn.Module, layer_names: Sequence[str], source: SigmaSource, *, device: str = "cpu",
+                  cache: SigmaCache | None = None, data_cache_dir: str | Path | None = None,
+                  progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`compute_sigmas` of one plain dataset view."""
     layer_names = list(layer_names)
     key = SigmaKey(model_fingerprint(model), source.dataset.identity(), source.n_samples, source.seed,
                    source.centered)

@@ -33,6 +33,7 @@ from pipeline._io import atomic_path, atomic_write_text, sha256_file
 
 __all__ = [
     "DATASET_NAMES",
+    "SIGMA_ONLY_NAMES",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_FASHION_MNIST_ROOT",
     "DIGITS_SPLIT_SEED",
@@ -67,6 +68,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DATASET_NAMES = ("fashion-mnist", "digits", "imagefolder")
+# Sigma sources that are not a set of images one can iterate: a weighted mixture of datasets, and the data-free
+# Sigma implied by the model's own BatchNorm statistics (pipeline.transfer). DatasetSpec accepts them; build() not.
+SIGMA_ONLY_NAMES = ("mixture", "bn-prior")
+NATIVE_SIZES = {"fashion-mnist": 28, "digits": 8}
 SPLITS = ("train", "test")
 RESAMPLE_MODES = ("bilinear", "bicubic")
 
@@ -104,6 +109,23 @@ class DatasetSpec:
         (28 for Fashion-MNIST/digits, 224 crop for image folders).
     resample : str
         Interpolation used when resizing: ``"bilinear"`` or ``"bicubic"``.
+    classes : tuple of int or str, optional
+        Keep only the images of these classes (paper Table 13: Sigma from chosen categories): label indices or
+        class names (Fashion-MNIST's :data:`FASHION_MNIST_CLASSES`, ``"0"``..``"9"`` for digits, subfolder names
+        of an image folder). Stored sorted and de-duplicated (as indices where the names are known here), so
+        equal subsets give equal cache keys.
+    down_size : int, optional
+        Resize every image to ``down_size x down_size`` first, then to its output size (``image_size`` or the
+        native size): the paper's "ImageNet (Down)" of Tables 9-10. Must not exceed the output size.
+    components : tuple of DatasetSpec, optional
+        ``name="mixture"`` only: the datasets mixed (paper Sec. 5.3 beyond: foreign data plus a few
+        in-distribution images). See :mod:`pipeline.transfer` for how their Sigmas are combined.
+    weights : tuple of float, optional
+        ``name="mixture"`` only: share of each component in the mixed Sigma, ``>= 0`` with a positive sum
+        (default: equal). Only the ratios matter (they are normalized, in the cache key too).
+    counts : tuple of int, optional
+        ``name="mixture"`` only: images drawn from each component; default splits the source's N in proportion
+        to ``weights``.
     """
 
     name: str
@@ -111,13 +133,22 @@ class DatasetSpec:
     split: str = "train"
     image_size: int | None = None
     resample: str = "bilinear"
+    classes: tuple[int | str, ...] | None = None
+    down_size: int | None = None
+    components: tuple[DatasetSpec, ...] | None = None
+    weights: tuple[float, ...] | None = None
+    counts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Fail when the spec is made (e.g. from CLI flags), not deep inside a job.
-        if self.name not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        if self.name not in DATASET_NAMES + SIGMA_ONLY_NAMES:
+            raise ValueError(f"unknown dataset {self.name!r}; valid names: "
+                             f"{', '.join(DATASET_NAMES + SIGMA_ONLY_NAMES)}")
         _check_split(self.split)
         _check_resample(self.resample)
+        from pipeline.data_views import check_view
+
+        check_view(self)
 
     def identity(self) -> dict[str, object]:
         """Return a JSON-serializable dict that identifies this view.
@@ -128,8 +159,12 @@ class DatasetSpec:
         Returns
         -------
         dict
-            Keys ``name``, ``root``, ``split``, ``image_size``, ``resample``.
+            Keys ``name``, ``root``, ``split``, ``image_size``, ``resample``; plus ``classes``, ``down_size``,
+            ``components`` / ``weights`` / ``counts`` only when set, so the keys of plain views (and the Sigma
+            cache entries made before these options existed) are unchanged.
         """
+        from pipeline.data_views import view_identity
+
         root = None if self.root is None else str(Path(self.root).expanduser().resolve())
         return {
             "name": self.name,
@@ -137,18 +172,33 @@ class DatasetSpec:
             "split": self.split,
             "image_size": self.image_size,
             "resample": self.resample,
+            **view_identity(self),
         }
 
     def build(self, cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
-        """Instantiate the dataset described by this spec (see :func:`get_dataset`)."""
-        return get_dataset(
+        """Instantiate the dataset described by this spec (see :func:`get_dataset`), class subset applied.
+
+        Raises
+        ------
+        ValueError
+            For ``"mixture"`` / ``"bn-prior"``: they are Sigma sources, not image sets
+            (:func:`pipeline.compress.compute_sigmas` handles them).
+        """
+        from pipeline.data_views import select_classes
+
+        if self.name in SIGMA_ONLY_NAMES:
+            raise ValueError(f"dataset {self.name!r} is a Sigma source only (compute_sigmas combines it); it has "
+                             "no images to load: use one of its components or a plain dataset here")
+        dataset = get_dataset(
             self.name,
             split=self.split,
             root=self.root,
             image_size=self.image_size,
             resample=self.resample,
             cache_dir=cache_dir,
+            down_size=self.down_size,
         )
+        return select_classes(dataset, self) if self.classes is not None else dataset
 
 
 # --------------------------------------------------------------------------- #
@@ -301,12 +351,14 @@ def _copy_verified(path: Path, expected: str | None) -> bool:
     return _VERIFIED[ident] == expected
 
 
-def _resize_transform(image_size: int | None, native: int, resample: str) -> list:
+def _resize_transform(image_size: int | None, native: int, resample: str, down_size: int | None = None) -> list:
     from torchvision import transforms
 
-    if image_size is None or image_size == native:
-        return []
-    return [transforms.Resize((image_size, image_size), interpolation=_interpolation(resample))]
+    size = image_size if image_size is not None else native
+    steps = [] if down_size is None else [down_size]
+    if steps or size != native:
+        steps.append(size)
+    return [transforms.Resize((s, s), interpolation=_interpolation(resample)) for s in steps]
 
 
 def load_fashion_mnist(
@@ -315,6 +367,7 @@ def load_fashion_mnist(
     image_size: int | None = None,
     resample: str = "bilinear",
     cache_dir: str | os.PathLike[str] | None = None,
+    down_size: int | None = None,
 ) -> Dataset:
     """Fashion-MNIST as a torchvision dataset of normalized tensors.
 
@@ -331,6 +384,8 @@ def load_fashion_mnist(
         Interpolation for resizing.
     cache_dir : str or os.PathLike, optional
         Where a decompressed copy is prepared if needed.
+    down_size : int, optional
+        Resize to ``down_size`` first, then to ``image_size`` (down-then-up resampling).
 
     Returns
     -------
@@ -345,7 +400,7 @@ def load_fashion_mnist(
     _check_resample(resample)
     prepared = prepare_fashion_mnist_root(root, cache_dir)
     transform = transforms.Compose(
-        _resize_transform(image_size, 28, resample)
+        _resize_transform(image_size, 28, resample, down_size)
         + [transforms.ToTensor(), transforms.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))]
     )
     return datasets.FashionMNIST(
@@ -403,6 +458,9 @@ class DigitsDataset(Dataset):
         Output side length.
     resample : {"bilinear", "bicubic"}
         Upsampling interpolation.
+    down_size : int, optional
+        Resize the 8x8 images to ``down_size`` first, then to ``image_size`` (two-stage resampling; below 8
+        it is a true down-then-up).
 
     Attributes
     ----------
@@ -412,7 +470,8 @@ class DigitsDataset(Dataset):
         Int64, shape ``(N,)``, values ``0..9``.
     """
 
-    def __init__(self, split: str = "train", image_size: int = 28, resample: str = "bilinear"):
+    def __init__(self, split: str = "train", image_size: int = 28, resample: str = "bilinear",
+                 down_size: int | None = None):
         from sklearn.datasets import load_digits
 
         _check_split(split)
@@ -421,9 +480,11 @@ class DigitsDataset(Dataset):
         pixels = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.as_tensor(bunch.target, dtype=torch.int64)
         indices = _digits_split_indices(len(labels), split)
-        upsampled = F.interpolate(
-            pixels[indices], size=(image_size, image_size), mode=mode, align_corners=False
-        ).clamp_(0.0, 1.0)
+        upsampled = pixels[indices]
+        for size in ([] if down_size is None else [down_size]) + [image_size]:
+            # Antialiasing only where a step shrinks the image (it is a no-op otherwise).
+            upsampled = F.interpolate(upsampled, size=(size, size), mode=mode, align_corners=False,
+                                      antialias=size < upsampled.shape[-1]).clamp_(0.0, 1.0)
         self.images = (upsampled - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
         self.targets = labels[indices]
 
@@ -476,6 +537,7 @@ def load_image_folder(
     image_size: int | None = None,
     resize_size: int | None = None,
     resample: str = "bilinear",
+    down_size: int | None = None,
 ) -> Dataset:
     """ImageNet-style ``ImageFolder`` with the standard evaluation transform.
 
@@ -492,6 +554,8 @@ def load_image_folder(
         Shorter-side resize before cropping; default ``image_size * 256/224``.
     resample : {"bilinear", "bicubic"}
         Resize interpolation.
+    down_size : int, optional
+        After the crop, resize to ``down_size`` and back to ``image_size`` (paper's "ImageNet (Down)").
 
     Returns
     -------
@@ -521,6 +585,9 @@ def load_image_folder(
         [
             transforms.Resize(resize, interpolation=_interpolation(resample)),
             transforms.CenterCrop(crop),
+            *([] if down_size is None else [
+                transforms.Resize((down_size, down_size), interpolation=_interpolation(resample)),
+                transforms.Resize((crop, crop), interpolation=_interpolation(resample))]),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -549,6 +616,7 @@ def get_dataset(
     image_size: int | None = None,
     resample: str = "bilinear",
     cache_dir: str | os.PathLike[str] | None = None,
+    down_size: int | None = None,
 ) -> Dataset:
     """Build a dataset by name.
 
@@ -568,6 +636,8 @@ def get_dataset(
         Interpolation used for resizing.
     cache_dir : str or os.PathLike, optional
         Cache for the decompressed Fashion-MNIST copy.
+    down_size : int, optional
+        Intermediate size of down-then-up resampling (see :class:`DatasetSpec`).
 
     Returns
     -------
@@ -581,13 +651,13 @@ def get_dataset(
         ``"imagefolder"``.
     """
     if name == "fashion-mnist":
-        return load_fashion_mnist(split, root, image_size, resample, cache_dir)
+        return load_fashion_mnist(split, root, image_size, resample, cache_dir, down_size)
     if name == "digits":
-        return DigitsDataset(split, image_size if image_size is not None else 28, resample)
+        return DigitsDataset(split, image_size if image_size is not None else 28, resample, down_size)
     if name == "imagefolder":
         if root is None:
             raise ValueError("dataset 'imagefolder' needs a root directory: pass `--data-root DIR`.")
-        return load_image_folder(root, split, image_size, resample=resample)
+        return load_image_folder(root, split, image_size, resample=resample, down_size=down_size)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 

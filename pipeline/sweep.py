@@ -50,13 +50,14 @@ from pipeline.compress import (
     save_compressed,
     select_layers,
 )
-from pipeline.data import DATASET_NAMES, RESAMPLE_MODES, DatasetSpec
+from pipeline.data import DATASET_NAMES, RESAMPLE_MODES, SIGMA_ONLY_NAMES, DatasetSpec
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import build_model
 from pipeline.fisher import compute_layer_stats
 from pipeline.sigma_cache import SigmaCache, SigmaKey, model_fingerprint, stats_key
 from pipeline.tracking import default_tracking_uri
 from pipeline.train import TrainConfig
+from pipeline.transfer import CALIBRATIONS, Shrinkage, compute_source_sigmas, is_plain, transform_identity
 from sigma_core import RankRule
 
 __all__ = [
@@ -99,10 +100,16 @@ class SweepSource:
 
     dataset: DatasetSpec
     label: str | None = None
+    shrinkage: Shrinkage | None = None
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dataset.name not in DATASET_NAMES:
-            raise ValueError(f"unknown Sigma dataset {self.dataset.name!r}; valid: {', '.join(DATASET_NAMES)}")
+        if self.dataset.name not in DATASET_NAMES + SIGMA_ONLY_NAMES:
+            raise ValueError(f"unknown Sigma dataset {self.dataset.name!r}; valid: "
+                             f"{', '.join(DATASET_NAMES + SIGMA_ONLY_NAMES)}")
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)} or unset, got "
+                             f"{self.calibration!r}")
         if self.dataset.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE_MODES)}, got {self.dataset.resample!r}")
         if self.dataset.image_size is not None and self.dataset.image_size < 1:
@@ -119,7 +126,24 @@ class SweepSource:
             text += f"-{spec.resample}"
         if spec.image_size is not None:
             text += f"@{spec.image_size}"
+        if spec.down_size is not None:
+            text += f"-down{spec.down_size}"
+        if spec.classes is not None:
+            text += "[" + ",".join(str(c) for c in spec.classes) + "]"
+        if spec.name == "mixture":
+            text = "mix(" + "+".join(f"{c.name}:{w:g}" for c, w in zip(spec.components, spec.weights)) + ")"
+        if self.calibration is not None:
+            text += f"+{self.calibration}"
+        if self.shrinkage is not None:
+            text += f"+shrink-{self.shrinkage.label}"
         return text
+
+    def identity(self) -> dict:
+        """What identifies this source's Sigma in trial keys: the dataset identity, plus the transform if set
+        (so the keys of sources without shrinkage / calibration are unchanged)."""
+        extra = transform_identity(self)
+        base = self.dataset.identity()
+        return base if extra is None else {**base, "sigma_transform": extra}
 
 
 @dataclass(frozen=True)
@@ -317,7 +341,7 @@ def trial_key(point: TrialPoint, identity: Mapping, sources: Mapping[str, Mappin
 
 def keyed_grid(config: SweepConfig, identity: Mapping) -> dict[str, TrialPoint]:
     """Grid points by trial key (insertion order = grid order)."""
-    sources = {s.name: s.dataset.identity() for s in config.sigma_sources}
+    sources = {s.name: s.identity() for s in config.sigma_sources}
     keyed = {trial_key(p, identity, sources): p for p in grid_points(config)}
     if len(keyed) != len(grid_points(config)):
         raise ValueError("duplicate grid points: alphas, seeds, n_samples and methods must not repeat values")
@@ -493,8 +517,9 @@ def prepare_sigmas(
     keys, details, computed = {}, {}, 0
     needed = sorted(set(needed))
     for source, n, seed in tqdm(needed, desc="Sigma sources", unit="Sigma", disable=not config.progress):
-        spec = SigmaSource(config.source(source).dataset, n_samples=n, seed=seed, centered=config.centered,
-                           batch_size=config.sigma_batch_size)
+        src = config.source(source)
+        spec = SigmaSource(src.dataset, n_samples=n, seed=seed, centered=config.centered,
+                           batch_size=config.sigma_batch_size, shrinkage=src.shrinkage, calibration=src.calibration)
         sigmas, info = _compute_sigmas(config, model, layers, spec, cache)
         del sigmas  # trials read the cache; the driver keeps nothing large
         computed += not info.get("cached", False)
@@ -542,6 +567,12 @@ def _stats_needed(points: Iterable[TrialPoint]) -> set[tuple[str, str, int, int]
 
 def _compute_sigmas(config: SweepConfig, model, layers, source: SigmaSource, cache: SigmaCache):
     data_cache = Path(config.cache_dir) / "datasets"
+    if not is_plain(source):  # mixture / data-free / shrinkage / calibration: from plain Sigmas of this backend
+        def base(model_, layers_, plain, **kwargs):
+            return _compute_sigmas(config, model_, layers_, plain, cache)
+
+        return compute_source_sigmas(model, list(layers), source, base=base, cache=cache, data_cache_dir=data_cache,
+                                     progress=config.progress)
     if config.sigma_backend == "local":
         return compute_sigmas(model, layers, source, device="cpu", cache=cache, data_cache_dir=data_cache,
                               progress=config.progress)
@@ -907,7 +938,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         model=config.model, num_classes=config.num_classes, state={k: v.clone() for k, v in model.state_dict().items()},
         fingerprint=fingerprint, layers=tuple(layers), input_shape=input_shape, baseline=baseline,
         identity=sweep_identity(config, fingerprint, layers),
-        sources={s.name: s.dataset.identity() for s in config.sigma_sources}, sigma_keys=sigma_keys,
+        sources={s.name: s.identity() for s in config.sigma_sources}, sigma_keys=sigma_keys,
         sigma_location=config.sigma_location, data_cache_dir=str(Path(config.cache_dir) / "datasets"),
         eval_dataset=config.eval_dataset, eval_limit=config.eval_limit, batch_size=config.batch_size,
         solver=config.solver, device=config.device, threads=max(1, int(config.cpus_per_trial)), output_dir=str(out),

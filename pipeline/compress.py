@@ -117,12 +117,13 @@ def compute_sigmas(
         return compute_source_sigmas(model, layer_names, source, base=_plain_sigmas, cache=cache,
                                      data_cache_dir=data_cache_dir, progress=progress)
     return _plain_sigmas(model, layer_names, source, device=device, cache=cache, data_cache_dir=data_cache_dir,
-                         progress=progress)
+                         progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
 
 
 def _plain_sigmas(model: nn.Module, layer_names: Sequence[str], source: SigmaSource, *, device: str = "cpu",
                   cache: SigmaCache | None = None, data_cache_dir: str | Path | None = None,
-                  progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                  progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  checkpoint_every: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`compute_sigmas` of one plain dataset view."""
     layer_names = list(layer_names)
     key = SigmaKey(model_fingerprint(model), source.dataset.identity(), source.n_samples, source.seed,

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(tables)
     tables.add_argument("--output-dir", default="outputs/paper_tables")
     tables.add_argument("--save", default=None, metavar="FILE", help="also write the printed table(s) to FILE")
+    from jobs import cli_compare
+
+    cli_compare.add_parser(sub, _add_compress)
     return parser
 
 
@@ -301,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                                *(["--dry-run"] if args.dry_run else [])])
         if args.command == "paper-tables":
             return _cmd_paper_tables(args)
+        if args.command == "compare":
+            from jobs import cli_compare
+
+            return cli_compare.run(args, compress_config)
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,3 +85,16 @@ def test_target_no_method_can_reach_is_a_clear_error(tmp_path, vgg_weights):
                            methods=("tucker2-als",), latency=None)
     with pytest.raises(ValueError, match="no method can reach target cr50: tucker2-als: unreachable"):
         run_compare(config)
+
+
+def test_cli_compare_flags(tmp_path):
+    from jobs.cli import build_parser, compress_config, main
+    from jobs.cli_compare import compare_config
+
+    args = build_parser().parse_args(["compare", "--targets", "cr3,mac2", "--methods", "tucker2-als,cp-als",
+                                      "--latency-runs", "5", "--no-onnx", "--output-dir", str(tmp_path)])
+    config = compare_config(args, compress_config)
+    assert config.targets == (Target("cr", 3.0), Target("mac", 2.0)) and config.methods == ("tucker2-als", "cp-als")
+    assert config.latency.runs == 5 and not config.onnx and config.compress.output_dir == str(tmp_path)
+    assert main(["compare", "--fraction", "0.5", "--output-dir", str(tmp_path)]) == 2  # a clear error, exit 2
+    assert main(["compare", "--targets", "cr", "--output-dir", str(tmp_path)]) == 2

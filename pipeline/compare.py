@@ -202,7 +202,9 @@ def _model_dir(point: dict, out: Path) -> Path | None:
     if not value:
         return None
     path = Path(value)
-    return path if path.is_absolute() else out / "runs" / path
+    # Older point records hold the path as written (absolute or relative to the working directory), newer ones
+    # relative to the output directory of the runs.
+    return path if path.is_absolute() or (path / "spec.json").exists() else out / "runs" / path
 
 
 def run_compare(config: CompareConfig) -> dict:

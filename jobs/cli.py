@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_table_args(tables)
     add_tdlrt_parser(sub)
+    from jobs import cli_compare
+
+    cli_compare.add_parser(sub, _add_compress)
     return parser
 
 
@@ -355,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.cli_tdlrt import cmd_tdlrt
 
             return cmd_tdlrt(args)
+        if args.command == "compare":
+            from jobs import cli_compare
+
+            return cli_compare.run(args, compress_config)
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

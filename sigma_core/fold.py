@@ -46,6 +46,10 @@ class _LeafTracer(fx.Tracer):
     """Treats factorized layers (anything with a ``_BIAS_LAYER``) as leaves, like torch's own layers."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # Subclasses of torch's layers (e.g. the pruned Conv2d / BatchNorm2d) are leaves too: tracing into them
+        # would hit BatchNorm's input-dimension check, which fx cannot follow.
+        if isinstance(m, (nn.Conv2d, nn.Linear, *_BN_TYPES)):
+            return True
         return bool(getattr(m, "_BIAS_LAYER", "")) or super().is_leaf_module(m, module_qualified_name)
 
 

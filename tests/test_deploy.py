@@ -8,6 +8,8 @@ from pipeline.deploy import export_onnx, export_program, onnx_session
 from pipeline.latency import LatencyConfig, measure_latency, measure_many, onnx_runner, torch_runner
 from sigma_core import CPConv, LowRank1x1Conv, LowRankLinear, Tucker2Conv
 from sigma_core.layers import _spec_types
+from sigma_core.layers_norton import NortonConv, PrunedBatchNorm2d, PrunedConv2d, PrunedLinear
+from sigma_core.layers_tucker import TuckerConv
 
 
 def _example_layers() -> dict[str, nn.Module]:
@@ -16,6 +18,9 @@ def _example_layers() -> dict[str, nn.Module]:
         "Tucker2Conv": Tucker2Conv(6, 8, 3, (4, 3), stride=2, padding=1),
         "CPConv": CPConv(6, 8, 3, 5, padding=1, padding_mode="reflect"),
         "LowRank1x1Conv": LowRank1x1Conv(6, 8, 3),
+        "NortonConv": NortonConv(6, 8, 3, 2, padding=1),
+        "TuckerConv": TuckerConv(6, 8, 3, (4, 3, 2, 2), padding=1, padding_mode="replicate"),
+        "PrunedConv2d": PrunedConv2d(6, 8, 3, padding=1),
     }
 
 
@@ -27,8 +32,8 @@ class _AllTypes(nn.Module):
         self.blocks = nn.ModuleList()
         for layer in _example_layers().values():
             self.blocks.append(nn.Sequential(layer, nn.BatchNorm2d(8), nn.ReLU()))
-        self.dense = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Sequential(nn.Flatten(), LowRankLinear(8, 5, 2), nn.BatchNorm1d(5))
+        self.dense = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), PrunedBatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), PrunedLinear(8, 8), LowRankLinear(8, 5, 2), nn.BatchNorm1d(5))
 
     def forward(self, x):
         y = sum(b(x).mean(dim=(2, 3)) for b in self.blocks) + self.dense(x).mean(dim=(2, 3))
@@ -49,7 +54,7 @@ def _model() -> nn.Module:
 
 def test_every_layer_type_has_an_export_example():
     """A new layer type in the spec registry must get an export example here (so that it is tested)."""
-    covered = set(_example_layers()) | {"LowRankLinear"}
+    covered = set(_example_layers()) | {"LowRankLinear", "PrunedLinear", "PrunedBatchNorm2d"}
     assert covered == set(_spec_types()), f"add an export example for {set(_spec_types()) - covered}"
 
 
@@ -65,7 +70,7 @@ def test_onnx_export_of_every_layer_type_matches_torch(exported):
     model, x, result = exported
     assert result.path.exists() and result.size_bytes == result.path.stat().st_size > 0
     assert result.max_abs_err <= 1e-4
-    assert len(result.fold.folded) == 5  # the four conv-shaped blocks' BNs and the head's BN1d
+    assert len(result.fold.folded) == 8  # the seven conv-shaped blocks' BNs and the head's BN1d
     session = onnx_session(result.path, threads=1)
     x7 = torch.randn(7, 6, 9, 9)  # the batch axis is dynamic
     out = session.run(None, {session.get_inputs()[0].name: x7.numpy()})[0]

@@ -253,6 +253,21 @@ def _cmd_compress(args) -> int:
     sigma = {None: "no Sigma needed", True: "Sigma from cache", False: "Sigma computed"}
     print(f"\nwrote {result['markdown']}, {result['plot']}{tracked} ({sigma[result['sigma_info'].get('cached')]}); "
           f"total {time.perf_counter() - tic:.0f}s")
+    return report_failures(result["points"])
+
+
+def report_failures(points) -> int:
+    """Print every layer that could not be compressed (it stayed dense); exit status 1 when no layer of any
+    point was compressed, else 0."""
+    failed = [(p, row) for p in points for row in p["layers"] if row["error"] is not None]
+    if failed:
+        print(f"\nLayers that could not be compressed (kept dense), {len(failed)}:", file=sys.stderr)
+        for point, row in failed:
+            reason = row["error"].split("\n")[0]
+            print(f"  {point['method']} {point['rank_rule']}: {row['name']}: {reason}", file=sys.stderr)
+    if points and all(row["error"] is not None for p in points for row in p["layers"]):
+        print("error: no layer was compressed; fix the ranks / methods / layers above", file=sys.stderr)
+        return 1
     return 0
 
 

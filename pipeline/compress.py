@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from pipeline._io import atomic_save_safetensors, atomic_write_text
 from pipeline.data import DatasetSpec, make_loader, sample_subset
 from pipeline.evaluate import evaluate
 from pipeline.methods import SolverOptions, get_method
-from pipeline.models import build_model
+from pipeline.models import build_model, get_builder
+from pipeline.sources import DataSource
 from pipeline.sigma_cache import SigmaCache, SigmaKey, fetch_sigmas, model_fingerprint
 from sigma_core import (
     RankRule,
@@ -37,14 +39,18 @@ from sigma_core import (
 )
 
 __all__ = [
+    "CompressionError",
     "LayerOutcome",
     "SigmaSource",
     "compute_sigmas",
     "decompose_layer",
+    "check_outcomes",
     "compress_model",
+    "failure_reason",
     "model_stats",
     "save_compressed",
     "load_compressed",
+    "factorized_layers",
 ]
 
 
@@ -66,11 +72,23 @@ class SigmaSource:
         return {"dataset": self.dataset.identity(), "n": self.n_samples, "seed": self.seed,
                 "centered": self.centered}
 
+    def dataset_identity(self) -> dict:
+        """What stands for the images in the Sigma cache key."""
+        return self.dataset.identity()
+
+    def key_seed(self) -> int:
+        return self.seed
+
+    def batches(self, data_cache_dir: str | Path | None = None):
+        """A loader over the ``n_samples`` images drawn with ``seed``."""
+        subset = sample_subset(self.dataset.build(cache_dir=data_cache_dir), self.n_samples, self.seed)
+        return make_loader(subset, batch_size=self.batch_size, shuffle=False)
+
 
 def compute_sigmas(
     model: nn.Module,
     layer_names: Sequence[str],
-    source: SigmaSource,
+    source: SigmaSource | DataSource,
     *,
     device: str = "cpu",
     cache: SigmaCache | None = None,
@@ -92,17 +110,25 @@ def compute_sigmas(
         ``cached_layers`` / ``computed_layers`` and ``patches`` per computed layer.
     """
     layer_names = list(layer_names)
-    key = SigmaKey(model_fingerprint(model), source.dataset.identity(), source.n_samples, source.seed,
+    key = SigmaKey(model_fingerprint(model), source.dataset_identity(), source.n_samples, source.key_seed(),
                    source.centered)
     run: dict = {"source": source.identity(), "weights": key.weights_hash}
 
     def compute(missing: list[str]) -> dict[str, torch.Tensor]:
         tic = time.perf_counter()
-        subset = sample_subset(source.dataset.build(cache_dir=data_cache_dir), source.n_samples, source.seed)
-        loader = make_loader(subset, batch_size=source.batch_size, shuffle=False)
+        loader = source.batches(data_cache_dir)
+        seen = [0]
+
+        def advance(count: int) -> None:
+            seen[0] = count
+            bar.update(count - bar.n)
+
         with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
-            accs = accumulate_sigma(model.to(device), loader, missing, device=device,
-                                    callback=lambda seen: bar.update(seen - bar.n))
+            accs = accumulate_sigma(model.to(device), loader, missing, device=device, max_samples=source.n_samples,
+                                    callback=advance)
+        if seen[0] < source.n_samples:  # the cache key says n_samples images: never store a Sigma of fewer
+            raise ValueError(f"the data gave {seen[0]} images, fewer than n_samples={source.n_samples}: lower "
+                             "n_samples or give more data")
         run.update(seconds=time.perf_counter() - tic, patches={name: acc.count for name, acc in accs.items()})
         return {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
 
@@ -201,6 +227,29 @@ def _with(outcome: LayerOutcome, **changes) -> LayerOutcome:
     return LayerOutcome(**{**asdict(outcome), **changes})
 
 
+class CompressionError(ValueError):
+    """Some chosen layers could not be compressed (raised by :func:`compress_model` with ``strict=True``).
+
+    Attributes
+    ----------
+    outcomes : list of LayerOutcome
+        Every layer's outcome; the failed ones carry ``error``.
+    """
+
+    def __init__(self, outcomes: Sequence[LayerOutcome]):
+        self.outcomes = list(outcomes)
+        failed = [o for o in self.outcomes if not o.ok]
+        lines = "\n".join(f"  {o.name}: {failure_reason(o)}" for o in failed)
+        super().__init__(f"{len(failed)} of {len(self.outcomes)} chosen layers could not be compressed:\n{lines}\n"
+                         "Fix their ranks / method, leave them out of layer_names, or pass strict=False to keep "
+                         "them dense and get the reasons in the outcomes.")
+
+
+def failure_reason(outcome: LayerOutcome) -> str:
+    """First line of a failed layer's error (the exception type and message, without the traceback)."""
+    return (outcome.error or "").split("\n")[0]
+
+
 def compress_model(
     model: nn.Module,
     layer_names: Sequence[str],
@@ -214,12 +263,28 @@ def compress_model(
     callback: Callable[[LayerOutcome], None] | None = None,
     stats: Mapping[str, torch.Tensor] | None = None,
     overrides: Mapping[str, tuple[str, RankRule]] | None = None,
+    strict: bool = True,
 ) -> tuple[nn.Module, list[LayerOutcome]]:
     """Decompose every layer in ``layer_names`` and return a compressed copy of ``model``.
 
-    Layers that fail keep their dense weights (and are reported in the outcomes). ``stats`` holds per-layer
-    Fisher / activation statistics for methods that need them; ``overrides`` maps a layer name to its own
-    ``(method_name, rule)`` (hybrid compression: linear layers by SVD, convs by ``method_name``).
+    ``stats`` holds per-layer Fisher / activation statistics for methods that need them; ``overrides`` maps a
+    layer name to its own ``(method_name, rule)`` (hybrid compression: linear layers by SVD, convs by
+    ``method_name``).
+
+    Parameters
+    ----------
+    strict : bool, default True
+        A layer that cannot be compressed (impossible ranks, missing Sigma, wrong layer type) raises
+        :class:`CompressionError` naming every failed layer and why, after all layers were tried. With
+        ``strict=False`` failed layers keep their dense weights, a warning lists them, and each failed
+        outcome carries the reason in ``error`` (``outcome.ok`` is False).
+
+    Returns
+    -------
+    model : nn.Module
+        Compressed copy (``model`` itself is untouched).
+    outcomes : list of LayerOutcome
+        One per layer of ``layer_names``, in order.
     """
     stats, overrides = stats or {}, overrides or {}
     outcomes: list[LayerOutcome] = []
@@ -233,7 +298,18 @@ def compress_model(
             replacements[name] = new
         if callback is not None:
             callback(outcome)
+    check_outcomes(outcomes, strict)
     return replace_modules(model, replacements), outcomes
+
+
+def check_outcomes(outcomes: Sequence[LayerOutcome], strict: bool) -> None:
+    """Raise :class:`CompressionError` (``strict``) or warn when some layers failed; nothing when all succeeded."""
+    failed = [o for o in outcomes if not o.ok]
+    if failed and strict:
+        raise CompressionError(outcomes)
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(outcomes)} layers kept dense: "
+                      + "; ".join(f"{o.name}: {failure_reason(o)}" for o in failed), RuntimeWarning, stacklevel=3)
 
 
 def model_stats(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
@@ -253,32 +329,133 @@ def accuracy(model: nn.Module, dataset_spec: DatasetSpec, *, limit: int | None, 
 
 def save_compressed(
     directory: str | Path,
-    base_model: str,
-    num_classes: int,
-    model: nn.Module,
-    replaced: Sequence[str],
+    base_model: str | None = None,
+    num_classes: int | None = None,
+    model: nn.Module | None = None,
+    replaced: Sequence[str] | None = None,
     extra: Mapping | None = None,
 ) -> Path:
     """Save a compressed model as ``spec.json`` + ``model.safetensors``.
 
     The spec names the base architecture and every replaced layer's constructor arguments, so
     :func:`load_compressed` rebuilds the model without re-running any decomposition.
+
+    Parameters
+    ----------
+    directory : str or Path
+        Written atomically (file by file); created if needed.
+    base_model : str or None
+        How :func:`load_compressed` rebuilds the dense architecture: a registered name
+        (:data:`pipeline.models.MODEL_NAMES`), ``"pkg.module:factory"`` or ``"timm:<arch>"`` (see
+        :func:`pipeline.models.get_builder`); or None: the architecture is not recorded and the caller of
+        :func:`load_compressed` passes ``model=`` (its class is recorded as a hint). Checked here: a name that
+        is not registered nor an importable factory, or a builder whose model (with the replaced layers) does
+        not have ``model``'s parameters, is a ValueError now rather than at load time.
+    num_classes : int, optional
+        Passed to the builder (registered names, factories taking ``num_classes``); default: the output size
+        of ``model``'s last ``nn.Linear``, else 10.
+    model : nn.Module
+        The compressed model.
+    replaced : sequence of str, optional
+        Names of the factorized layers; default: every factorized layer of ``model`` (its ``spec()``-able
+        modules, see :func:`sigma_core.module_from_spec`).
+    extra : mapping, optional
+        More JSON-able entries of the spec (method, rank rule, ...).
     """
+    if model is None:
+        raise ValueError("save_compressed needs the compressed model: pass model=")
     directory = Path(directory)
+    replaced = factorized_layers(model) if replaced is None else list(replaced)
+    if num_classes is None:
+        num_classes = _output_classes(model)
     spec = {
         "format": "sigma-compress/1",
         "base_model": base_model,
         "num_classes": num_classes,
+        "architecture": f"{type(model).__module__}:{type(model).__qualname__}",
         "replacements": {name: get_module(model, name).spec() for name in replaced},
         **(dict(extra) if extra else {}),
     }
+    if base_model is not None:
+        _check_rebuilds(spec, model)
     atomic_save_safetensors(model.state_dict(), directory / "model.safetensors")
     atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, default=str))
     return directory
 
 
-def load_compressed(directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by :func:`save_compressed` (architecture by name, layers from the spec)."""
+def factorized_layers(model: nn.Module) -> list[str]:
+    """Names of the factorized layers of ``model`` (outermost only), in module order."""
+    from sigma_core.layers import _spec_types
+
+    kinds = tuple(_spec_types().values())
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
+def _output_classes(model: nn.Module) -> int:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return int(linears[-1].out_features)
+    from sigma_core import LowRankLinear
+
+    low_rank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    return int(low_rank[-1].out_features) if low_rank else 10
+
+
+def _skeleton(spec: Mapping, model: nn.Module | None = None) -> nn.Module:
+    """The dense architecture with the spec's factorized layers swapped in (weights still to be loaded)."""
+    if model is None:
+        if spec.get("base_model") is None:
+            raise ValueError(f"the model was saved without a builder (architecture {spec.get('architecture')}): "
+                             "pass the dense model, e.g. load_compressed(directory, model=MyNet()), or save with "
+                             "base_model='pkg.module:factory'")
+        model = build_model(spec["base_model"], num_classes=int(spec["num_classes"]))
+    return replace_modules(model, {name: module_from_spec(s) for name, s in spec["replacements"].items()})
+
+
+def _check_rebuilds(spec: Mapping, model: nn.Module) -> None:
+    """Raise now if :func:`load_compressed` could not rebuild ``model`` from ``spec`` (names, shapes)."""
+    get_builder(spec["base_model"])  # unknown names and unimportable factories: their own message
+    hint = (f"base_model={spec['base_model']!r} (num_classes={spec['num_classes']}) does not rebuild this model: "
+            "pass the builder of the dense model (and its num_classes), or base_model=None and model= at load time")
+    try:
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no random initialization
+                rebuilt = _skeleton(spec).state_dict()
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 -- a user factory that insists on real tensors
+            rebuilt = _skeleton(spec).state_dict()
+    except ValueError as exc:
+        raise ValueError(f"{hint} ({exc})") from exc
+    saved = model.state_dict()
+    missing = sorted(set(saved) - set(rebuilt))
+    unexpected = sorted(set(rebuilt) - set(saved))
+    shapes = [k for k in saved if k in rebuilt and tuple(saved[k].shape) != tuple(rebuilt[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{hint} ({len(missing)} tensors it lacks {missing[:3]}, {len(unexpected)} extra "
+                         f"{unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]})")
+
+
+def load_compressed(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed`.
+
+    Parameters
+    ----------
+    directory : str or Path
+    model : nn.Module, optional
+        The dense architecture to rebuild into (its weights are replaced; the module itself is not modified, a
+        copy is returned). Default: built from the spec's ``base_model`` (registered name or
+        ``"pkg.module:factory"``); required when the model was saved with ``base_model=None``.
+
+    Returns
+    -------
+    nn.Module
+        In eval mode, on CPU.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -287,14 +464,14 @@ def load_compressed(directory: str | Path) -> nn.Module:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_compressed?")
     spec = json.loads(spec_path.read_text())
-    model = build_model(spec["base_model"], num_classes=int(spec["num_classes"]))
-    model = replace_modules(model, {name: module_from_spec(s) for name, s in spec["replacements"].items()})
+    rebuilt = _skeleton(spec, model)
     try:
         state = load_file(str(weights_path))
-        model.load_state_dict(state, strict=True)
+        rebuilt.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise ValueError(f"{weights_path} does not match {spec_path}: {exc}") from exc
-    return model.eval()
+        given = "the model passed" if model is not None else f"base_model {spec.get('base_model')!r}"
+        raise ValueError(f"{weights_path} does not match {given} with the layers of {spec_path}: {exc}") from exc
+    return rebuilt.eval()
 
 
 def select_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[dict]]:

@@ -7,6 +7,8 @@ from a user-supplied weights file, so nothing is ever downloaded.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +24,9 @@ __all__ = [
     "ResNetFMNIST",
     "VGGFMNIST",
     "build_model",
+    "default_preprocess",
+    "get_builder",
+    "is_registered",
     "load_weights",
     "model_input_shape",
     "read_state_dict",
@@ -207,6 +212,129 @@ TORCHVISION_MODELS: dict[str, Callable[[int], nn.Module]] = {
 MODEL_NAMES = tuple(REFERENCE_MODELS) + tuple(TORCHVISION_MODELS)
 
 
+TIMM_PREFIX = "timm:"
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is one of :data:`MODEL_NAMES` (a reference CNN or a torchvision architecture)."""
+    return name in MODEL_NAMES
+
+
+def get_builder(name: str) -> Callable[[int], nn.Module]:
+    """``num_classes -> nn.Module`` for a model name: registered, ``"pkg.module:factory"`` or ``"timm:<arch>"``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES`; or ``"pkg.module:factory"``, an importable callable returning an
+        ``nn.Module`` (called as ``factory(num_classes=n)`` when it takes a ``num_classes`` argument, else as
+        ``factory()``); or ``"timm:<arch>"``, a timm architecture built with ``pretrained=False`` (needs the
+        optional ``timm`` extra).
+
+    Raises
+    ------
+    ValueError
+        Unknown name, a factory that cannot be imported or is not callable, timm not installed or not
+        knowing the architecture.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty str, got {name!r}")
+    if name in MODEL_NAMES:
+        return {**REFERENCE_MODELS, **TORCHVISION_MODELS}[name]
+    if name.startswith(TIMM_PREFIX):
+        return _timm_builder(name[len(TIMM_PREFIX):])
+    if ":" in name:
+        return _factory_builder(name)
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, 'pkg.module:factory' (a function "
+                     "returning your nn.Module) or 'timm:<architecture>'")
+
+
+def _factory_builder(name: str) -> Callable[[int], nn.Module]:
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model factory {name!r} must read 'pkg.module:function'")
+    if module_name == "__main__":
+        raise ValueError(f"model factory {name!r} lives in __main__, which another process cannot import: move it "
+                         "into an importable module, or save with base_model=None and pass model= to "
+                         "load_compressed")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} of model factory {name!r}: {exc}; is it on "
+                         "PYTHONPATH (or installed)?") from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (model factory {name!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"model factory {name!r} is a {type(target).__name__}, not a callable returning an "
+                         "nn.Module")
+    factory = target
+    try:
+        params = inspect.signature(factory).parameters
+        takes_classes = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_classes = False
+
+    def build(num_classes: int) -> nn.Module:
+        model = factory(num_classes=num_classes) if takes_classes else factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model factory {name!r} returned a {type(model).__name__}, not an nn.Module")
+        return model
+
+    return build
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError("timm models need the optional timm package: `uv sync --extra timm` or "
+                         "`pip install 'sigma-compress[timm]'`") from exc
+    return timm
+
+
+def _timm_builder(arch: str) -> Callable[[int], nn.Module]:
+    timm = _timm()
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch}*")[:_MAX_LISTED]
+        raise ValueError(f"timm does not know the architecture {arch!r}" + (f"; close: {close}" if close else ""))
+
+    def build(num_classes: int) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+    return build
+
+
+def default_preprocess(name: str) -> dict | None:
+    """The evaluation preprocessing a model was trained with, when timm or torchvision knows it.
+
+    Returns
+    -------
+    dict or None
+        ``resize_size`` (shorter side), ``crop_size``, ``mean``, ``std`` (tuples of floats) and ``resample``
+        (``"bilinear"`` / ``"bicubic"``); None when neither library describes the model (reference CNNs,
+        factories).
+    """
+    if name in TORCHVISION_MODELS:
+        from torchvision.models import get_model_weights
+
+        # The transform object of the weights enum only describes the preprocessing; nothing is downloaded.
+        transform = get_model_weights(name).DEFAULT.transforms()
+        return {"resize_size": int(transform.resize_size[0]), "crop_size": int(transform.crop_size[0]),
+                "mean": tuple(float(v) for v in transform.mean), "std": tuple(float(v) for v in transform.std),
+                "resample": str(transform.interpolation.value)}
+    if name.startswith(TIMM_PREFIX):
+        timm = _timm()
+        cfg = timm.data.resolve_data_config({}, model=timm.create_model(name[len(TIMM_PREFIX):], pretrained=False))
+        crop = int(cfg["input_size"][-1])
+        return {"resize_size": int(round(crop / cfg.get("crop_pct", 0.875))), "crop_size": crop,
+                "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"]),
+                "resample": cfg.get("interpolation", "bilinear") if cfg.get("interpolation") == "bicubic"
+                else "bilinear"}
+    return None
+
+
 def model_input_shape(name: str) -> tuple[int, int, int]:
     """Expected ``(C, H, W)`` of one input image for a registered model.
 
@@ -230,18 +358,18 @@ def build_model(
     num_classes: int = 10,
     weights: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Build a registered architecture, optionally loading weights.
+    """Build a model by name, optionally loading weights.
 
     Parameters
     ----------
     name : str
-        One of :data:`MODEL_NAMES`.
+        One of :data:`MODEL_NAMES`, ``"pkg.module:factory"`` or ``"timm:<arch>"`` (see :func:`get_builder`).
     num_classes : int, default 10
         Size of the output layer.
     weights : path or state dict, optional
         ``.safetensors`` file, PyTorch state-dict file (see
         :func:`read_state_dict`) or an in-memory state dict. ``None`` keeps
-        the random initialization; nothing is ever downloaded.
+        the random initialization (or, for a factory, whatever it returns); nothing is ever downloaded.
 
     Returns
     -------
@@ -255,11 +383,13 @@ def build_model(
     FileNotFoundError
         If the weights file does not exist.
     """
-    _check_name(name)
-    builder = {**REFERENCE_MODELS, **TORCHVISION_MODELS}[name]
+    builder = get_builder(name)
     if weights is None:
         return builder(num_classes)
     state, source = _resolve_state(weights)
+    if name not in MODEL_NAMES:
+        # A user factory may create tensors on an explicit device, so no meta-device skeleton for it.
+        return load_weights(builder(num_classes), state, arch=name)
     # Random initialization is wasted work when weights follow (seconds for
     # vgg16), so the skeleton is built on the meta device and the loaded
     # tensors are assigned into it.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.compress import LayerOutcome, decompose_layer
+from pipeline.compress import LayerOutcome, check_outcomes, decompose_layer
 from pipeline.methods import SolverOptions
 from sigma_core import RankRule, count_params, get_module, replace_modules
 
@@ -47,11 +47,13 @@ def ray_compress_model(
     callback: Callable[[LayerOutcome], None] | None = None,
     stats: Mapping[str, torch.Tensor] | None = None,
     overrides: Mapping[str, tuple[str, RankRule]] | None = None,
+    strict: bool = True,
 ) -> tuple[nn.Module, list[LayerOutcome]]:
     """Decompose every layer in ``layer_names`` as a Ray task; return a compressed copy of ``model``.
 
-    Same contract as :func:`pipeline.compress.compress_model`: outcomes in ``layer_names`` order, layers that
-    fail keep their dense weights and carry the error in their outcome.
+    Same contract as :func:`pipeline.compress.compress_model`: outcomes in ``layer_names`` order; a layer that
+    fails raises :class:`pipeline.compress.CompressionError` once all tasks finished (``strict=True``) or keeps
+    its dense weights with the error in its outcome and a warning (``strict=False``).
 
     Parameters
     ----------
@@ -72,6 +74,8 @@ def ray_compress_model(
         Called with each outcome as its layer finishes (completion order).
     stats, overrides : mapping, optional
         As in ``compress_model``: per-layer Fisher / activation statistics; per-layer ``(method, rule)``.
+    strict : bool
+        As in ``compress_model``.
 
     Returns
     -------
@@ -106,7 +110,9 @@ def ray_compress_model(
             if callback is not None:
                 callback(outcome)
             bar.update(1)
-    return replace_modules(model, replacements), [outcomes[name] for name in layer_names]
+    ordered = [outcomes[name] for name in layer_names]
+    check_outcomes(ordered, strict)
+    return replace_modules(model, replacements), ordered
 
 
 def _task(use_gpu: bool, gpu_fraction: float):

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -346,9 +347,12 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     layer_stats = {layer: data_stats[get_method(m).needs][layer] for layer, m in layer_methods.items()
                    if get_method(m).needs in data_stats}
     tic = time.perf_counter()
-    compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method, options=config.solver,
-                                          device=config.device, progress=config.progress, stats=layer_stats,
-                                          overrides=overrides)
+    with warnings.catch_warnings():
+        # Failed layers stay dense and are recorded in the point (its "layers" rows); the caller reports them.
+        warnings.filterwarnings("ignore", message=r"\d+ of \d+ layers kept dense", category=RuntimeWarning)
+        compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method,
+                                              options=config.solver, device=config.device, progress=config.progress,
+                                              stats=layer_stats, overrides=overrides, strict=False)
     secs = time.perf_counter() - tic
     acc = accuracy(compressed, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)

@@ -644,9 +644,11 @@ def _compress(model, ctx: TrialContext, sigmas, rule: RankRule, method: str, opt
         from pipeline import ray_tasks  # per-layer Ray tasks (pipeline/ray_tasks.py)
 
         return ray_tasks.ray_compress_model(model, list(ctx.layers), sigmas, rule, method, options=options,
-                                            use_gpu=ctx.device.startswith("cuda"), progress=False, stats=stats)
+                                            use_gpu=ctx.device.startswith("cuda"), progress=False, stats=stats,
+                                            strict=False)
+    # A trial records its failed layers (failed_layers column) instead of losing the whole trial.
     return compress_model(model, ctx.layers, sigmas, rule, method, options=options, device=ctx.device,
-                          progress=False, stats=stats)
+                          progress=False, stats=stats, strict=False)
 
 
 def _trial_row(point: TrialPoint, key: str, ctx: TrialContext, acc: dict, stats: dict, layers: list) -> dict:

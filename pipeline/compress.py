@@ -474,7 +474,7 @@ def load_compressed(directory: str | Path, model: nn.Module | None = None) -> nn
     return rebuilt.eval()
 
 
-def select_layers(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[dict]]:
+def select_layers(model: nn.Module, names: Sequence[str] | None = None) -> tuple[list[str], list[dict]]:
     """Chosen layer names and the full plan (every conv/linear with why it was or was not chosen)."""
     plan = plan_layers(model, names=list(names) if names else None)
     chosen = [choice.name for choice in plan if choice.selected]

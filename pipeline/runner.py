@@ -173,9 +173,13 @@ def prepare_model(config: CompressConfig) -> tuple[nn.Module, dict]:
         model, meta = load_or_train_reference(train_cfg, Path(config.cache_dir) / "models",
                                               retrain_corrupt=config.retrain_corrupt, progress=config.progress)
         return model.eval(), meta
+    if ":" in config.model and not config.model.startswith("timm:"):
+        # A factory returns the user's model as it is (it may load its own trained weights).
+        return build_model(config.model, num_classes=config.num_classes).eval(), {"weights": "from the factory"}
     raise ValueError(
         f"model {config.model!r} needs --weights FILE (safetensors or a state_dict): nothing is downloaded; "
-        f"without weights only the reference models {', '.join(REFERENCE_MODELS)} can be trained here"
+        f"without weights only the reference models {', '.join(REFERENCE_MODELS)} can be trained here, and a "
+        "'pkg.module:factory' model comes as its factory returns it"
     )
 
 

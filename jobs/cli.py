@@ -6,6 +6,7 @@ Parses flags into the frozen configs of ``pipeline`` and calls it; no algebra he
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,41 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 DEMO_ALPHAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every help line; the epilog (the method list) keeps its line breaks."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sigma-compress")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _methods_epilog() -> str:
+    from pipeline.method_docs import method_summaries
+
+    summaries = method_summaries()
+    width = max(map(len, summaries))
+    return "methods (--methods, comma separated):\n" + "\n".join(
+        f"  {name.ljust(width)}  {line}" for name, line in summaries.items())
+
+
+def _image_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-resize", type=int, default=None, metavar="PX",
+                   help="image folders: shorter-side resize before the center crop (default: the model's own when "
+                        "torchvision / timm knows it, else crop * 256/224)")
+    p.add_argument("--image-crop", type=int, default=None, metavar="PX",
+                   help="image folders: center crop (default: the model's own, else 224); same as "
+                        "--sigma-image-size for the Sigma images")
+    p.add_argument("--image-mean", type=_floats, default=None, metavar="M,M,M",
+                   help="image folders: per-channel mean (default: the model's own, else ImageNet's)")
+    p.add_argument("--image-std", type=_floats, default=None, metavar="S,S,S",
+                   help="image folders: per-channel std (default: the model's own, else ImageNet's)")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -49,30 +85,37 @@ LINEAR_METHODS = ("svd", "svd-sigma")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet-fmnist", help="resnet-fmnist, vgg-fmnist, or a torchvision arch")
-    p.add_argument("--weights", default=None, help="safetensors or state_dict file (required for torchvision archs)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--model", default="resnet-fmnist",
+                   help="resnet-fmnist, vgg-fmnist, a torchvision architecture (resnet18, resnet50, googlenet, "
+                        "vgg16, alexnet, mobilenet_v2), pkg.module:factory (a function returning your nn.Module) "
+                        "or timm:<arch> (optional timm extra)")
+    p.add_argument("--weights", default=None,
+                   help="safetensors or state_dict file (required for torchvision and timm architectures)")
+    p.add_argument("--num-classes", type=int, default=10, help="output classes of the model")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST directory (default: Debian's)")
     p.add_argument("--cache-dir", default="cache", help="trained models, Sigma cache, prepared datasets")
     p.add_argument("--retrain", action="store_true", help="retrain a corrupt cached reference model")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     _add_common(p)
     p.add_argument("--sigma-dataset", default="fashion-mnist", help="fashion-mnist, digits or imagefolder")
     p.add_argument("--sigma-root", default=None, help="root of the Sigma dataset (imagefolder)")
-    p.add_argument("--sigma-split", default="train")
+    p.add_argument("--sigma-split", default="train", choices=("train", "test"), help="split of the Sigma dataset")
     p.add_argument("--sigma-image-size", type=int, default=None, help="resample Sigma images to this size")
-    p.add_argument("--resample", default="bilinear", choices=("bilinear", "bicubic"))
+    p.add_argument("--resample", default=None, choices=("bilinear", "bicubic"),
+                   help="resize interpolation (default: the model's own for image folders, else bilinear)")
+    _image_preprocess(p)
     p.add_argument("-n", "--n-samples", type=int, default=2000, help="images used for Sigma")
-    p.add_argument("--sigma-seed", type=int, default=0)
+    p.add_argument("--sigma-seed", type=int, default=0, help="seed of the random subset of Sigma images")
     p.add_argument("--centered", action="store_true", help="centered covariance instead of E[uu^T]")
-    p.add_argument("--eval-dataset", default="fashion-mnist")
-    p.add_argument("--eval-root", default=None)
+    p.add_argument("--eval-dataset", default="fashion-mnist", help="fashion-mnist, digits or imagefolder")
+    p.add_argument("--eval-root", default=None, help="root of the evaluation dataset (imagefolder)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    p.add_argument("--methods", default="tucker2-als,tucker2-als-sigma" if demo else "tucker2-als-sigma")
+    p.add_argument("--methods", default="tucker2-als,tucker2-als-sigma" if demo else "tucker2-als-sigma",
+                   help="comma-separated methods (listed below)")
     p.add_argument("--alpha", type=_floats, default=DEMO_ALPHAS if demo else (0.8,),
                    help="VBMF ratio(s) of paper Eq. 2, comma separated")
     rank = p.add_mutually_exclusive_group()
@@ -88,8 +131,10 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
                         "--methods")
     p.add_argument("--compress-last-linear", action="store_true",
                    help="also factorize the classifier (last nn.Linear), which SVD methods leave dense by default")
-    p.add_argument("--layers", default=None, help="comma-separated layer names (default: plan_layers' choice)")
-    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer names (default: every conv except the first one, 1x1 and grouped "
+                        "convs; the output lists each layer left dense and why)")
+    p.add_argument("--max-iter", type=int, default=100, help="ALS sweep cap")
     p.add_argument("--tol", type=float, default=1e-4, help="stop when rel_sigma_err decreases less than this")
     p.add_argument("--cg-steps", type=int, default=None, help="inexact mode: CG steps per sweep")
     p.add_argument("--cp-init", default="svd", choices=CP_INITS,
@@ -98,9 +143,11 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--solver-seed", type=int, default=0, help="seed of the random CP initialization")
     p.add_argument("--output-dir", default="outputs/demo" if demo else "outputs/compress")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite in the output dir)")
-    p.add_argument("--experiment", default="sigma-compress")
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--no-save-models", action="store_true")
+    p.add_argument("--experiment", default="sigma-compress", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="no MLflow tracking")
+    p.add_argument("--no-save-models", action="store_true", help="do not save the compressed models")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tuned baseline: Adam, best lr of a grid on a held-out split of the training set")
     _add_finetune(p)
     p.add_argument("--finetune-methods", default=None,
                    help="methods whose compressed model is fine-tuned (extra point '<method>+ft'); default: "
@@ -111,9 +158,7 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--finetune", action="store_true",
-                   help="fine-tuned baseline: Adam, best lr of a grid on a held-out split of the training set")
-    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs")
     p.add_argument("--finetune-lrs", type=_floats, default=(1e-3, 1e-4, 1e-5), help="Adam lr grid, comma separated")
     p.add_argument("--finetune-subset", type=int, default=10_000,
                    help="training images used for fine-tuning (0: all but the held-out split)")
@@ -137,20 +182,24 @@ def _finetune_config(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sigma-compress", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sigma-compress", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or load cached) reference CNNs on Fashion-MNIST")
+    sub_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
+    train = sub_parser("train", help="train (or load cached) reference CNNs on Fashion-MNIST")
     _add_common(train)
-    train.add_argument("--epochs", type=int, default=None)
-    compress = sub.add_parser("compress", help="compress a model and print the accuracy/compression table")
+    train.add_argument("--epochs", type=int, default=None, help="epochs (default: the training config's)")
+    epilog = _methods_epilog()
+    compress = sub_parser("compress", help="compress a model and print the accuracy/compression table", epilog=epilog)
     _add_compress(compress, demo=False)
-    demo = sub.add_parser("demo", help="reference model, Sigma from 2,000 images, both methods at several alphas")
+    demo = sub_parser("demo", help="reference model, Sigma from 2,000 images, both methods at several alphas",
+                      epilog=epilog)
     _add_compress(demo, demo=True)
-    sweep = sub.add_parser("sweep", help="Ray Tune sweep from a YAML config (same as python -m jobs.sweep)")
+    sweep = sub_parser("sweep", help="Ray Tune sweep from a YAML config (same as python -m jobs.sweep)")
     sweep.add_argument("--config", required=True, help="YAML file, e.g. jobs/configs/fmnist_demo_sweep.yaml")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sweep.add_argument("--dry-run", action="store_true", help="print the grid and exit")
-    tables = sub.add_parser("paper-tables", help="the paper's Tables 3-4 (Tucker-2 baselines + fine-tuning) or "
+    tables = sub_parser("paper-tables", help="the paper's Tables 3-4 (Tucker-2 baselines + fine-tuning) or "
                                                  "Table 6 (CP-ALS vs CP-ALS-Sigma over seeds) on Fashion-MNIST")
     _add_common(tables)
     tables.add_argument("--table", default="3-4", choices=("3-4", "6", "all"))
@@ -191,8 +240,8 @@ def compress_config(args):
         return root if root is not None else (args.data_root if name == "fashion-mnist" else None)
 
     sigma = SigmaSource(
-        DatasetSpec(args.sigma_dataset, root_for(args.sigma_dataset, args.sigma_root), args.sigma_split,
-                    args.sigma_image_size, args.resample),
+        _dataset_view(args, args.sigma_dataset, root_for(args.sigma_dataset, args.sigma_root), args.sigma_split,
+                      args.sigma_image_size),
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
     )
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -200,7 +249,8 @@ def compress_config(args):
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,
         sigma=sigma,
-        eval_dataset=DatasetSpec(args.eval_dataset, root_for(args.eval_dataset, args.eval_root), "test"),
+        eval_dataset=_dataset_view(args, args.eval_dataset, root_for(args.eval_dataset, args.eval_root), "test",
+                                   None),
         eval_limit=args.eval_limit,
         methods=methods,
         alphas=args.alpha, ranks=args.ranks, fraction=args.fraction, cp_rank=args.cp_rank,
@@ -217,7 +267,30 @@ def compress_config(args):
     )
 
 
+def _dataset_view(args, name: str, root, split: str, image_size):
+    """A dataset view from the flags; image folders get the model's own preprocessing unless flags override it."""
+    from pipeline.data import DatasetSpec
+    from pipeline.models import default_preprocess
+
+    if name != "imagefolder":
+        given = [f for f in ("image_resize", "image_crop", "image_mean", "image_std") if getattr(args, f) is not None]
+        if given and args.eval_dataset != "imagefolder" and args.sigma_dataset != "imagefolder":
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to image folders only (--sigma-dataset / "
+                             "--eval-dataset imagefolder)")
+        return DatasetSpec(name, root, split, image_size, args.resample or "bilinear")
+    if image_size is not None and args.image_crop is not None and image_size != args.image_crop:
+        raise ValueError(f"--sigma-image-size {image_size} contradicts --image-crop {args.image_crop}: give one")
+    own = default_preprocess(args.model) or {}
+    return DatasetSpec(name, root, split, image_size or args.image_crop or own.get("crop_size"),
+                       args.resample or own.get("resample", "bilinear"),
+                       resize_size=args.image_resize or own.get("resize_size"),
+                       mean=args.image_mean or own.get("mean"), std=args.image_std or own.get("std"))
+
+
 def _cmd_train(args) -> int:
+    if args.device != "cpu":
+        raise ValueError(f"train runs on the CPU only (got --device {args.device}); --device applies to compress, "
+                         "demo and paper-tables")
     from pipeline.train import load_or_train_reference
 
     names = [args.model] if args.model != "all" else ["resnet-fmnist", "vgg-fmnist"]

@@ -109,6 +109,11 @@ class DatasetSpec:
     split: str = "train"
     image_size: int | None = None
     resample: str = "bilinear"
+    # Image folders only: shorter-side resize before the center crop (default image_size * 256/224), and the
+    # normalization (default ImageNet's). All three enter identity() when set.
+    resize_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Fail when the spec is made (e.g. from CLI flags), not deep inside a job.
@@ -116,6 +121,22 @@ class DatasetSpec:
             raise ValueError(f"unknown dataset {self.name!r}; valid names: {', '.join(DATASET_NAMES)}")
         _check_split(self.split)
         _check_resample(self.resample)
+        custom = {k: getattr(self, k) for k in ("resize_size", "mean", "std") if getattr(self, k) is not None}
+        if custom and self.name != "imagefolder":
+            raise ValueError(f"{sorted(custom)} apply to image folders only (dataset {self.name!r} has its own "
+                             "normalization)")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, tuple(float(v) for v in value))
+                if len(getattr(self, key)) not in (1, 3):
+                    raise ValueError(f"{key} must have 1 or 3 values (one per channel), got {value!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        for key in ("image_size", "resize_size"):
+            value = getattr(self, key)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
 
     def identity(self) -> dict[str, object]:
         """Return a JSON-serializable dict that identifies this view.
@@ -129,16 +150,25 @@ class DatasetSpec:
             Keys ``name``, ``root``, ``split``, ``image_size``, ``resample``.
         """
         root = None if self.root is None else str(Path(self.root).expanduser().resolve())
-        return {
+        ident = {
             "name": self.name,
             "root": root,
             "split": self.split,
             "image_size": self.image_size,
             "resample": self.resample,
         }
+        # Only when set, so that the keys of views made before these fields existed stay valid.
+        ident.update({k: list(v) if isinstance(v, tuple) else v for k in ("resize_size", "mean", "std")
+                      if (v := getattr(self, k)) is not None})
+        return ident
 
     def build(self, cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
         """Instantiate the dataset described by this spec (see :func:`get_dataset`)."""
+        if self.name == "imagefolder":
+            if self.root is None:
+                raise ValueError("dataset 'imagefolder' needs a root directory (--sigma-root / --eval-root DIR)")
+            return load_image_folder(self.root, self.split, self.image_size, self.resize_size, self.resample,
+                                     mean=self.mean, std=self.std)
         return get_dataset(
             self.name,
             split=self.split,
@@ -422,7 +452,7 @@ def _check_image_folder(directory: Path) -> None:
         raise FileNotFoundError(
             f"image folder {directory} is empty: expected one subfolder per class holding "
             f"images ({', '.join(_IMAGE_EXTENSIONS)}), e.g. {directory}/<class>/<image>.jpg. "
-            "Point --data-root at such a directory."
+            "Point --sigma-root / --eval-root at such a directory."
         )
 
 
@@ -432,6 +462,8 @@ def load_image_folder(
     image_size: int | None = None,
     resize_size: int | None = None,
     resample: str = "bilinear",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> Dataset:
     """ImageNet-style ``ImageFolder`` with the standard evaluation transform.
 
@@ -448,12 +480,14 @@ def load_image_folder(
         Shorter-side resize before cropping; default ``image_size * 256/224``.
     resample : {"bilinear", "bicubic"}
         Resize interpolation.
+    mean, std : tuple of float, optional
+        Per-channel normalization; default ImageNet's (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`).
 
     Returns
     -------
     torchvision.datasets.ImageFolder
         Items are ``(image, label)``, ``image`` float32 of shape
-        ``(3, image_size, image_size)`` normalized with ImageNet statistics.
+        ``(3, image_size, image_size)`` normalized with ``mean`` / ``std``.
 
     Raises
     ------
@@ -466,7 +500,7 @@ def load_image_folder(
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(
-            f"image folder {base} does not exist or is not a directory; pass `--data-root DIR` "
+            f"image folder {base} does not exist or is not a directory; pass `--sigma-root DIR` / `--eval-root DIR` "
             "with one subfolder per class (ImageNet/ImageFolder layout)."
         )
     directory = _image_folder_dir(base, split)
@@ -478,7 +512,7 @@ def load_image_folder(
             transforms.Resize(resize, interpolation=_interpolation(resample)),
             transforms.CenterCrop(crop),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean or IMAGENET_MEAN, std or IMAGENET_STD),
         ]
     )
     return datasets.ImageFolder(str(directory), transform=transform)
@@ -531,7 +565,8 @@ def get_dataset(
         return DigitsDataset(split, image_size if image_size is not None else 28, resample)
     if name == "imagefolder":
         if root is None:
-            raise ValueError("dataset 'imagefolder' needs a root directory: pass `--data-root DIR`.")
+            raise ValueError("dataset 'imagefolder' needs a root directory: pass `--sigma-root DIR` (Sigma) or "
+                             "`--eval-root DIR` (evaluation).")
         return load_image_folder(root, split, image_size, resample=resample)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 

@@ -22,9 +22,17 @@ __all__ = [
 ]
 
 
-def _fmt(value: object) -> str:
+# Fixed decimals per column, so that one column never shows 0.9300 beside 1.76.
+_COLUMN_DECIMALS = {"top1": 2, "top5": 2, "top1_drop": 2, "compression_rate": 2, "mac_reduction": 2,
+                    "mean_rel_sigma_err": 4, "mean_rel_frob_err": 4, "rel_sigma_err": 4, "rel_frob_err": 4,
+                    "decompose_seconds": 2, "seconds": 2}
+
+
+def _fmt(value: object, decimals: int | None = None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and decimals is not None:
+        return f"{value:.{decimals}f}"
     if isinstance(value, float):
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.3e}"
@@ -42,7 +50,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], markd
     rows : sequence of dict
     columns : sequence of (key, header)
     """
-    cells = [[_fmt(row.get(key)) for key, _ in columns] for row in rows]
+    cells = [[_fmt(row.get(key), _COLUMN_DECIMALS.get(key)) for key, _ in columns] for row in rows]
     headers = [header for _, header in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     if markdown:

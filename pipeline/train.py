@@ -302,8 +302,11 @@ def train_reference(
     """Train a reference model on Fashion-MNIST, evaluate it and cache it.
 
     Uses SGD (Nesterov) or AdamW with a one-cycle learning-rate schedule on
-    all available CPU cores. Training is deterministic given ``config.seed``
-    and leaves the global RNG and thread settings as they were.
+    all available CPU cores. A rerun with the same ``config.seed`` on the same
+    machine, torch build and thread count gives the same weights; another CPU
+    (other BLAS kernels, other summation order) gives slightly different weights
+    and test accuracies a few tenths of a point apart. The global RNG and thread
+    settings are left as they were.
 
     Parameters
     ----------

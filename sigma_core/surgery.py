@@ -23,7 +23,7 @@ __all__ = [
 
 _REASON_FIRST = "first conv: S*H*W is tiny (e.g. 1*3*3=9), little to gain and the input layer is the most sensitive"
 _REASON_1X1 = "1x1 conv: Tucker-2 reduces to a low-rank matrix, use SVD"
-_REASON_LINEAR = "linear layer: not included (include_linear=True to factorize it by SVD)"
+_REASON_LINEAR = "linear layer: left dense (an SVD method factorizes linear layers, e.g. --linear-method svd-sigma)"
 _REASON_NOT_NAMED = "not in the requested names"
 _REASON_NAMED = "requested by name"
 _REASON_SELECTED = "selected"

@@ -121,3 +121,32 @@ def test_yaml_solver_cp_init_and_hybrid_keys(tmp_path):
 
     path.write_text("methods: [cp-als-sigma]\nsigma_sources: [digits]\nsolver: {cp_init: random}\n")
     assert sweep_config_from_yaml(path).solver.cp_init == "random"
+
+
+def test_cli_polish(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("sigma-compress ")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 2000)" in text and "plan_layers" not in text
+    from pipeline.methods import METHODS
+
+    assert all(f"\n  {name} " in text for name in METHODS)  # one line per method
+    assert main(["train", "--device", "cuda"]) == 2 and "CPU only" in capsys.readouterr().err
+    _parse_error(capsys, "paper-tables", "--finetune")  # was a silent no-op
+
+
+def test_image_folder_preprocessing_defaults_to_the_models_own():
+    config = _compress("--model", "resnet18", "--weights", "w.safetensors", "--sigma-dataset", "imagefolder",
+                       "--sigma-root", "/data", "--eval-dataset", "imagefolder", "--eval-root", "/val")
+    view = config.sigma.dataset
+    assert (view.image_size, view.resize_size, view.resample) == (224, 256, "bilinear")
+    assert view.mean == (0.485, 0.456, 0.406) and config.eval_dataset.std == (0.229, 0.224, 0.225)
+    custom = _compress("--model", "resnet18", "--sigma-dataset", "imagefolder", "--sigma-root", "/data",
+                       "--image-crop", "160", "--image-resize", "180", "--image-mean", "0.5,0.5,0.5")
+    assert (custom.sigma.dataset.image_size, custom.sigma.dataset.resize_size) == (160, 180)
+    assert custom.sigma.dataset.identity() != view.identity()
+    with pytest.raises(ValueError, match="image folders only"):
+        _compress("--image-mean", "0.5")

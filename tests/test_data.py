@@ -225,7 +225,7 @@ def test_image_folder_empty(tmp_path: Path, with_class_dirs: bool) -> None:
 
 
 def test_image_folder_requires_root() -> None:
-    with pytest.raises(ValueError, match="--data-root"):
+    with pytest.raises(ValueError, match="--sigma-root DIR"):
         get_dataset("imagefolder")
 
 
@@ -287,3 +287,25 @@ def test_make_loader_batches_and_seeded_shuffle() -> None:
     first, second = (torch.cat([y for _, y in loader]) for loader in order)
     assert torch.equal(first, second)
     assert not torch.equal(first, torch.cat([y for _, y in make_loader(dataset, 64)]))
+
+
+def test_image_folder_preprocessing_is_configurable_and_keyed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.data import DatasetSpec
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / cls / "x.png")
+    plain = DatasetSpec("imagefolder", str(tmp_path), image_size=16)
+    custom = DatasetSpec("imagefolder", str(tmp_path), image_size=16, resize_size=20, mean=(0.5, 0.5, 0.5),
+                         std=(0.25, 0.25, 0.25))
+    assert "mean" not in plain.identity()  # views made before these fields keep their cache keys
+    assert custom.identity()["mean"] == [0.5, 0.5, 0.5] and custom.identity() != plain.identity()
+    image = custom.build()[0][0]
+    assert image.shape == (3, 16, 16)
+    torch.testing.assert_close(image[0], torch.full((16, 16), (200 / 255 - 0.5) / 0.25), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image folders only"):
+        DatasetSpec("digits", mean=(0.5,))
+    with pytest.raises(ValueError, match="std values must be > 0"):
+        DatasetSpec("imagefolder", str(tmp_path), std=(0.0, 1.0, 1.0))

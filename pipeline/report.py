@@ -369,6 +369,42 @@ def method_comparison(points: Sequence[dict], method: str = "tucker2-als-sigma",
     return lines
 
 
+def comparison_summary(points: Sequence[dict], method: str = "tucker2-als-sigma", reference: str = "tucker2-als",
+                       big_drop: float = 10.0) -> list[str]:
+    """The prose claims of the comparison, computed from ``points`` (the README quotes them as printed).
+
+    One sentence on the first rank rule (in run order) where ``reference`` loses at least ``big_drop`` top-1
+    points, one on the rules where ``method`` has the lower Sigma-norm error on every layer, one on the last rule.
+    """
+    pairs: dict[str, dict[str, dict]] = {}
+    for point in points:
+        pairs.setdefault(point["rank_rule"], {})[point["method"]] = point
+    pairs = {rule: pair for rule, pair in pairs.items() if method in pair and reference in pair}
+    if not pairs:
+        return []
+    lines = []
+    big = next(((rule, pair) for rule, pair in pairs.items() if pair[reference]["top1_drop"] >= big_drop), None)
+    if big is None:
+        lines.append(f"{reference} loses less than {big_drop:g} top-1 points at every rank rule.")
+    else:
+        rule, pair = big
+        mine, ref = pair[method]["top1_drop"], pair[reference]["top1_drop"]
+        lines.append(f"At {rule}, the first rank rule where {reference} loses >= {big_drop:g} top-1 points, {method} "
+                     f"loses {mine:.2f} points against {ref:.2f} ({mine / ref:.2f}x).")
+    every = [rule for rule, pair in pairs.items()
+             if all(a["rel_sigma_err"] is not None and b["rel_sigma_err"] is not None
+                    and a["rel_sigma_err"] <= b["rel_sigma_err"] * (1 + 1e-9)
+                    for a, b in zip(pair[method]["layers"], pair[reference]["layers"]))]
+    lines.append(f"{method} has the lower Sigma-norm error on every layer at {len(every)} of {len(pairs)} rank "
+                 "rules.")
+    rule, pair = list(pairs.items())[-1]
+    mine, ref = pair[method], pair[reference]
+    ratio = f"{mine['top1_drop'] / ref['top1_drop']:.2f}" if ref["top1_drop"] > 0 else "n/a"
+    lines.append(f"At {rule} ({ref['compression_rate']:.2f}x fewer parameters) the drop ratio is {ratio} "
+                 f"({mine['top1_drop']:.2f} vs {ref['top1_drop']:.2f} points).")
+    return lines
+
+
 def _save_png(fig, path: str | Path) -> Path:
     """Lay out ``fig``, write it atomically as PNG (a killed run leaves no half-written plot) and close it."""
     import matplotlib.pyplot as plt

@@ -34,7 +34,7 @@ from pipeline.finetune import FinetuneConfig, finetune, finetune_data
 from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
-from pipeline.report import layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
+from pipeline.report import comparison_summary, layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
 from pipeline.train import TrainConfig, load_or_train_reference
@@ -453,6 +453,9 @@ def _write_report(baseline, points, plan, config: CompressConfig, out: Path, tra
     comparison = method_comparison(points)
     if comparison:
         md += "\n## Tucker2-ALS-Sigma vs Tucker2-ALS at equal ranks\n\n" + "\n".join(f"- {c}" for c in comparison) + "\n"
+        summary = comparison_summary(points)
+        md += "\n" + " ".join(summary) + "\n"
+        comparison = [*comparison, *summary]
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps({"baseline": baseline, "points": points}, indent=2,
                                                       default=str))

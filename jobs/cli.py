@@ -155,6 +155,8 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--precision", action="store_true",
                    help="also report FP16 and INT8 (post-training, x86 backend) top-1 of every point")
     p.add_argument("--calib-samples", type=int, default=500, help="INT8 calibration images (from the Sigma dataset)")
+    p.add_argument("--sigma-checkpoint-every", type=int, default=1000, metavar="N",
+                   help="checkpoint the Sigma pass every N images, so a killed run continues it (0: never)")
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
@@ -264,6 +266,7 @@ def compress_config(args):
         finetune=_finetune_config(args),
         finetune_methods=_finetune_methods(args),
         precision=args.precision, calib_samples=args.calib_samples,
+        sigma_checkpoint_every=args.sigma_checkpoint_every or None,
     )
 
 
@@ -293,6 +296,9 @@ def _cmd_train(args) -> int:
                          "demo and paper-tables")
     from pipeline.train import load_or_train_reference
 
+    if args.num_classes != 10:
+        raise ValueError("--num-classes does not apply to train: the reference models are trained on Fashion-MNIST "
+                         "(10 classes)")
     names = [args.model] if args.model != "all" else ["resnet-fmnist", "vgg-fmnist"]
     for name in names:
         args.model = name
@@ -326,7 +332,7 @@ def _cmd_compress(args) -> int:
     sigma = {None: "no Sigma needed", True: "Sigma from cache", False: "Sigma computed"}
     print(f"\nwrote {result['markdown']}, {result['plot']}{tracked} ({sigma[result['sigma_info'].get('cached')]}); "
           f"total {time.perf_counter() - tic:.0f}s")
-    return report_failures(result["points"])
+    return max(report_failures(result["points"]), _report_failed(result.get("failed", [])))
 
 
 def report_failures(points) -> int:
@@ -342,6 +348,15 @@ def report_failures(points) -> int:
         print("error: no layer was compressed; fix the ranks / methods / layers above", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_failed(failed: list[dict]) -> int:
+    """Points where no layer was compressed: listed on stderr, exit status 1 (they are not results)."""
+    for f in failed:
+        first = next(iter(f["reasons"].items()), ("", ""))
+        print(f"error: {f['method']} {f['rank_rule']}: no layer was compressed ({first[0]}: "
+              f"{first[1].splitlines()[0] if first[1] else '?'})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def paper_tables_config(args):
@@ -363,6 +378,9 @@ def paper_tables_config(args):
 def _cmd_paper_tables(args) -> int:
     from pipeline.paper_tables import table_6, tables_3_4
 
+    if args.num_classes != 10:
+        raise ValueError("--num-classes does not apply to paper-tables: they use the Fashion-MNIST reference models "
+                         "(10 classes)")
     config = paper_tables_config(args)
     texts = []
     if args.table in ("3-4", "all"):
@@ -392,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_compress(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, EOFError) as exc:  # disk full, read-only, permission denied, broken input files
+        from pipeline.preflight import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 

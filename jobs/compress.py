@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_compress(compress_config_from_yaml(args.config, **parse_overrides(args.set)))
         print("Accuracy vs compression (no fine-tuning):\n" + result["table"])
         print(f"wrote {result['markdown']} and {result['plot']}")
-        from jobs.cli import report_failures
+        from jobs.cli import _report_failed, report_failures
 
-        return report_failures(result["points"])
+        return max(report_failures(result["points"]), _report_failed(result.get("failed", [])))
 
     return run_job(body)
 

@@ -272,6 +272,14 @@ def run_job(body: Callable[[], int]) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError) as exc:  # settings refused by the pipeline (ranks, layers, tracking URI)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, EOFError) as exc:  # disk full, read-only, permission denied, broken input files
+        from pipeline.preflight import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 def sweep_config_from_yaml(path: str | os.PathLike, **overrides):

@@ -6,6 +6,7 @@ This module adapts ``sigma_core`` to datasets, caches and files. The per-layer w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import traceback
@@ -94,8 +95,15 @@ def compute_sigmas(
     cache: SigmaCache | None = None,
     data_cache_dir: str | Path | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Finalized Sigma (float64, CPU) of every layer in ``layer_names``, from the cache when possible.
+
+    With ``checkpoint_dir`` and ``checkpoint_every``, the pass runs in chunks of ``checkpoint_every`` images and
+    the merged accumulator states are written there after each chunk (:mod:`pipeline.sigma_checkpoint`), so a
+    killed job continues its Sigma pass where the last checkpoint left it; the result is bitwise the one of an
+    uninterrupted run with the same chunking.
 
     The cache is read per layer (a whole-set entry of an older run is used as is): only the layers it lacks are
     captured, in one pass over the images, and written as one entry each; then an index makes the whole-set key
@@ -116,19 +124,27 @@ def compute_sigmas(
 
     def compute(missing: list[str]) -> dict[str, torch.Tensor]:
         tic = time.perf_counter()
-        loader = source.batches(data_cache_dir)
-        seen = [0]
+        if checkpoint_dir is not None and checkpoint_every is not None and isinstance(source, SigmaSource):
+            from pipeline.sigma_checkpoint import accumulate_checkpointed
 
-        def advance(count: int) -> None:
-            seen[0] = count
-            bar.update(count - bar.n)
+            subset = sample_subset(source.dataset.build(cache_dir=data_cache_dir), source.n_samples, source.seed)
+            accs = accumulate_checkpointed(model.to(device), subset, missing, key=key,
+                                           batch_size=source.batch_size, every=checkpoint_every,
+                                           directory=checkpoint_dir, device=device, progress=progress)
+        else:
+            loader = source.batches(data_cache_dir)
+            seen = [0]
 
-        with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
-            accs = accumulate_sigma(model.to(device), loader, missing, device=device, max_samples=source.n_samples,
-                                    callback=advance)
-        if seen[0] < source.n_samples:  # the cache key says n_samples images: never store a Sigma of fewer
-            raise ValueError(f"the data gave {seen[0]} images, fewer than n_samples={source.n_samples}: lower "
-                             "n_samples or give more data")
+            def advance(count: int) -> None:
+                seen[0] = count
+                bar.update(count - bar.n)
+
+            with tqdm(total=source.n_samples, desc="Sigma", unit="img", disable=not progress, leave=False) as bar:
+                accs = accumulate_sigma(model.to(device), loader, missing, device=device, max_samples=source.n_samples,
+                                        callback=advance)
+            if seen[0] < source.n_samples:  # the cache key says n_samples images: never store a Sigma of fewer
+                raise ValueError(f"the data gave {seen[0]} images, fewer than n_samples={source.n_samples}: lower "
+                                 "n_samples or give more data")
         run.update(seconds=time.perf_counter() - tic, patches={name: acc.count for name, acc in accs.items()})
         return {name: acc.finalize(centered=source.centered).cpu() for name, acc in accs.items()}
 
@@ -338,7 +354,9 @@ def save_compressed(
     """Save a compressed model as ``spec.json`` + ``model.safetensors``.
 
     The spec names the base architecture and every replaced layer's constructor arguments, so
-    :func:`load_compressed` rebuilds the model without re-running any decomposition.
+    :func:`load_compressed` rebuilds the model without re-running any decomposition. The two files are bound
+    to each other: the weights file's header records the SHA-256 of the spec, so an edited spec (another
+    padding, dilation, rank) is refused at load instead of running a different network.
 
     Parameters
     ----------
@@ -361,6 +379,11 @@ def save_compressed(
         modules, see :func:`sigma_core.module_from_spec`).
     extra : mapping, optional
         More JSON-able entries of the spec (method, rank rule, ...).
+
+    Raises
+    ------
+    ValueError
+        If the model holds NaN/Inf values (nothing is written), or ``base_model`` cannot rebuild it.
     """
     if model is None:
         raise ValueError("save_compressed needs the compressed model: pass model=")
@@ -368,6 +391,7 @@ def save_compressed(
     replaced = factorized_layers(model) if replaced is None else list(replaced)
     if num_classes is None:
         num_classes = _output_classes(model)
+    _check_finite_state(model.state_dict(), "the model to save")
     spec = {
         "format": "sigma-compress/1",
         "base_model": base_model,
@@ -378,9 +402,26 @@ def save_compressed(
     }
     if base_model is not None:
         _check_rebuilds(spec, model)
-    atomic_save_safetensors(model.state_dict(), directory / "model.safetensors")
-    atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, default=str))
+    text = json.dumps(spec, indent=2, default=str)
+    # Spec first, weights last: the weights file (bound to that spec) is what makes the pair valid.
+    atomic_write_text(directory / "spec.json", text)
+    atomic_save_safetensors(model.state_dict(), directory / "model.safetensors",
+                            metadata={"spec_sha256": _spec_digest(text)})
     return directory
+
+
+def _spec_digest(text: str) -> str:
+    """SHA-256 of a spec's content (parsed and re-encoded canonically: whitespace edits do not count)."""
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()
+
+
+def _check_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{what} has NaN/Inf values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
+                         "refusing to use non-finite weights (check the run that produced them)")
+
+
 
 
 def factorized_layers(model: nn.Module) -> list[str]:
@@ -463,7 +504,19 @@ def load_compressed(directory: str | Path, model: nn.Module | None = None) -> nn
     for path in (spec_path, weights_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_compressed?")
-    spec = json.loads(spec_path.read_text())
+    from safetensors import safe_open
+
+    text = spec_path.read_text()
+    try:
+        spec = json.loads(text)
+        with safe_open(str(weights_path), framework="pt") as handle:
+            bound = (handle.metadata() or {}).get("spec_sha256")
+    except Exception as exc:  # noqa: BLE001 -- unreadable spec or weights: one message naming the file
+        raise ValueError(f"{directory} is damaged ({type(exc).__name__}: {exc}): save the model again") from None
+    # Files of older versions carry no binding; they load as before.
+    if bound is not None and bound != _spec_digest(text):
+        raise ValueError(f"{spec_path} was modified after {weights_path} was saved (its SHA-256 no longer matches "
+                         "the one recorded in the weights): restore it or save the model again")
     rebuilt = _skeleton(spec, model)
     try:
         state = load_file(str(weights_path))
@@ -471,6 +524,7 @@ def load_compressed(directory: str | Path, model: nn.Module | None = None) -> nn
     except Exception as exc:
         given = "the model passed" if model is not None else f"base_model {spec.get('base_model')!r}"
         raise ValueError(f"{weights_path} does not match {given} with the layers of {spec_path}: {exc}") from exc
+    _check_finite_state(state, str(weights_path))
     return rebuilt.eval()
 
 

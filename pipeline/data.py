@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import json
 import os
+import warnings
 import shutil
 import zlib
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline._io import atomic_path
+from pipeline._io import atomic_path, atomic_write_text, sha256_file
 
 __all__ = [
     "DATASET_NAMES",
@@ -281,10 +283,52 @@ def prepare_fashion_mnist_root(
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     prepared = cache / f"fashion-mnist-{_source_key(files)}"
     raw = prepared / "FashionMNIST" / "raw"
+    manifest = _read_manifest(prepared)
     for stem, source in files.items():
-        if not (raw / stem).is_file():
-            _materialize(source, raw / stem)
+        target = raw / stem
+        if target.is_file() and _copy_verified(target, manifest.get(stem)):
+            continue
+        if target.is_file() and stem in manifest:
+            warnings.warn(f"prepared Fashion-MNIST file {target} does not match its recorded checksum "
+                          "(modified or truncated); decompressing it again from the source", stacklevel=2)
+        # Replaced atomically (never unlinked first): other processes may be reading the shared copy.
+        _materialize(source, target)
+        manifest[stem] = sha256_file(target)
+        _write_manifest(prepared, manifest)
     return prepared
+
+
+_MANIFEST = "manifest.json"
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 checked in this process
+
+
+def _read_manifest(prepared: Path) -> dict[str, str]:
+    try:
+        data = json.loads((prepared / _MANIFEST).read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(prepared: Path, manifest: dict[str, str]) -> None:
+    try:
+        atomic_write_text(prepared / _MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    except OSError as exc:  # the copy itself is fine; it is only verified less next time
+        warnings.warn(f"could not write {prepared / _MANIFEST} ({exc})", stacklevel=3)
+
+
+def _copy_verified(path: Path, expected: str | None) -> bool:
+    """Whether a decompressed copy matches its recorded SHA-256 (hashed once per process and file version).
+
+    A copy without a recorded checksum (prepared by an older version) cannot be trusted: it is redone.
+    """
+    if expected is None:
+        return False
+    stat = path.stat()
+    ident = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if ident not in _VERIFIED:
+        _VERIFIED[ident] = sha256_file(path)
+    return _VERIFIED[ident] == expected
 
 
 def _resize_transform(image_size: int | None, native: int, resample: str) -> list:
@@ -515,7 +559,18 @@ def load_image_folder(
             transforms.Normalize(mean or IMAGENET_MEAN, std or IMAGENET_STD),
         ]
     )
-    return datasets.ImageFolder(str(directory), transform=transform)
+    return datasets.ImageFolder(str(directory), transform=transform, loader=_load_image_checked)
+
+
+def _load_image_checked(path: str):
+    """torchvision's PIL loader, with a message naming the broken file and the fix (issue 8.9)."""
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return pil_loader(path)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated files, bad headers
+        raise OSError(f"cannot read image {path} ({type(exc).__name__}: {exc}): the file is broken or not an "
+                      "image; remove or replace it") from None
 
 
 # --------------------------------------------------------------------------- #

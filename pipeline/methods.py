@@ -54,6 +54,11 @@ class SolverOptions:
             raise ValueError(f"cp_init must be one of {INITS}, got {self.cp_init!r}")
         if self.max_iter < 0 or not self.tol >= 0:
             raise ValueError(f"max_iter must be >= 0 and tol >= 0, got max_iter={self.max_iter}, tol={self.tol}")
+        # Checked here, not per layer: a setting that breaks every layer must fail before any work (issue 8.5).
+        if self.cg_steps is not None and (isinstance(self.cg_steps, bool) or self.cg_steps < 1):
+            raise ValueError(f"cg_steps must be None (exact solves) or an integer >= 1, got {self.cg_steps!r}")
+        if self.solver not in ("auto", "direct", "cg"):
+            raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {self.solver!r}")
 
     def sigma_config(self) -> Tucker2SigmaConfig:
         return Tucker2SigmaConfig(max_iter=self.max_iter, tol=self.tol, cg_steps=self.cg_steps, solver=self.solver)

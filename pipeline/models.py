@@ -575,6 +575,10 @@ def _resolve_state(
 
 
 def _raise_if_unfit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"weights in {source} hold NaN/Inf values ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}): refusing non-finite weights; check the training run")
     problems = _fit_problems(model, state)
     if problems:
         raise ValueError(

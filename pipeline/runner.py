@@ -30,17 +30,31 @@ from pipeline.compress import (
     save_compressed,
 )
 from pipeline.data import DatasetSpec, make_loader, sample_subset
+from pipeline.fingerprint import artifact_checksums, verify_artifacts, weights_fingerprint
 from pipeline.finetune import FinetuneConfig, finetune, finetune_data
 from pipeline.fisher import compute_layer_stats
 from pipeline.methods import SolverOptions, get_method
 from pipeline.models import REFERENCE_MODELS, build_model
+from pipeline.preflight import check_writable_dir
 from pipeline.report import comparison_summary, layer_table, method_comparison, plot_accuracy_vs_compression, summary_table
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
 from pipeline.train import TrainConfig, load_or_train_reference
 from sigma_core import LayerChoice, RankRule, plan_layers
 
-__all__ = ["CompressConfig", "run_compress", "prepare_model"]
+__all__ = ["CompressConfig", "PointFailed", "run_compress", "prepare_model"]
+
+# Reference models are trained here on Fashion-MNIST: always 10 classes.
+_REFERENCE_CLASSES = 10
+
+
+class PointFailed(RuntimeError):
+    """A grid point where no layer could be compressed: a failure, never recorded as a finished result."""
+
+    def __init__(self, slug: str, reasons: dict[str, str]):
+        self.slug, self.reasons = slug, reasons
+        first = "; ".join(f"{name}: {why.splitlines()[0]}" for name, why in list(reasons.items())[:3])
+        super().__init__(f"point {slug}: no layer was compressed ({first})")
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,18 @@ class CompressConfig:
     finetune_methods: tuple[str, ...] = ("tucker2-als",)
     precision: bool = False
     calib_samples: int = 500
+    sigma_checkpoint_every: int | None = 1000
 
     def __post_init__(self) -> None:
+        if self.weights is None and self.model in REFERENCE_MODELS and self.num_classes != _REFERENCE_CLASSES:
+            raise ValueError(f"num_classes={self.num_classes} does not apply to the reference model {self.model!r} "
+                             f"(trained here on Fashion-MNIST, {_REFERENCE_CLASSES} classes): drop --num-classes, "
+                             "or pass --weights of a model trained with that many classes")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.sigma_checkpoint_every is not None and self.sigma_checkpoint_every < 1:
+            raise ValueError(f"sigma_checkpoint_every must be None (no checkpoints) or >= 1 images, got "
+                             f"{self.sigma_checkpoint_every}")
         for name in self.methods:
             get_method(name)
         if not self.methods:
@@ -233,9 +257,11 @@ def plan_points(model: nn.Module, config: CompressConfig) -> tuple[dict[str, dic
     return assignment, layers, [asdict(c) for c in plan]
 
 
-def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
-    # Hybrid / SVD settings enter the identity only when set, so that existing points keep their slugs.
+def _slug(method: str, rule: RankRule, config: CompressConfig, weights: str) -> str:
+    """Name of a point's files: method, rank rule and a hash of everything the result depends on, the model's
+    name, class count and weights fingerprint included (a resumed job never reuses another model's points)."""
     extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
+    extra["model"] = {"name": config.model, "num_classes": config.num_classes, "weights": weights}
     solver = asdict(config.solver)
     if solver["cp_init"] == "svd":  # the default, added later: leave it out so that existing slugs stay valid
         del solver["cp_init"]
@@ -255,6 +281,66 @@ def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
     else:
         label = f"svdrank{rule.svd_rank}"
     return f"{method}-{label}-{digest}"
+
+
+def _finished_point(path: Path, out: Path, config: CompressConfig) -> dict | None:
+    """The point recorded at ``path`` when it is complete for this run, else None (it is then recomputed).
+
+    Complete: the record parses, and when the run wants models, the point has one whose files still match the
+    checksums recorded with it (a truncated ``model.safetensors``, a deleted ``models/`` folder or a first run
+    with ``save_models=False`` all mean: not finished).
+    """
+    if not path.exists():
+        return None
+    try:
+        point = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path} is unreadable ({exc}); recomputing the point", stacklevel=3)
+        return None
+    if config.save_models:
+        reason = ("its model was not saved (an earlier run had save_models=False)" if not point.get("model_dir")
+                  else verify_artifacts(out, point.get("artifacts")))
+        if reason is not None:
+            warnings.warn(f"point {path.stem}: {reason}; recomputing it", stacklevel=3)
+            return None
+    return point
+
+
+def _save_point_model(out: Path, slug: str, config: CompressConfig, model: nn.Module, replaced, extra) -> dict:
+    """Save a point's model under ``out/models/<slug>``; returns the record fields (relative path, checksums)."""
+    model_dir = save_compressed(out / "models" / slug, config.model, config.num_classes, model, replaced,
+                                extra=extra)
+    return {"model_dir": model_dir.relative_to(out).as_posix(), "artifacts": artifact_checksums(out, [model_dir])}
+
+
+def _feasibility(model: nn.Module, assignment: dict[str, dict[str, str]], config: CompressConfig) -> None:
+    """Refuse, before any work, a setting under which some method can compress no layer at all.
+
+    Checks each assigned layer's type against the method, and explicit ranks (``ranks``, ``cp_rank``,
+    ``svd_rank``) against each layer's shape (alpha rules need the data-free VBMF of every layer and a fraction
+    always fits, so they are left to the per-layer step).
+    """
+    from sigma_core import get_module
+
+    for method, layers in assignment.items():
+        reasons = {}
+        for rule, _ in config.rules():
+            for layer, layer_method in layers.items():
+                spec, module = get_method(layer_method), get_module(model, layer)
+                if not isinstance(module, spec.layer_types):
+                    kinds = "/".join(t.__name__ for t in spec.layer_types)
+                    reasons[layer] = f"{layer_method} applies to {kinds} layers, {layer} is a {type(module).__name__}"
+                    continue
+                layer_rule = config.layer_rule(layer_method, rule)
+                if layer_rule.alpha is None and layer_rule.fraction is None:
+                    try:
+                        spec.resolve_ranks(layer_rule, module.weight.detach())
+                    except ValueError as exc:
+                        reasons[layer] = str(exc)
+        if reasons and len(reasons) == len(layers):
+            listed = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:3])
+            raise ValueError(f"method {method} cannot compress any of its layers ({listed}): choose ranks within "
+                             "each layer's shape (or alphas / --fraction) and layers the method applies to")
 
 
 def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: dict, acc: dict, layers, secs):
@@ -277,13 +363,19 @@ def _point_metrics(method: str, rule: RankRule, alpha, baseline: dict, stats: di
 def run_compress(config: CompressConfig) -> dict:
     """Run the job; returns ``{"baseline", "points", "table", "layer_table", "plot", "output_dir"}``."""
     out = Path(config.output_dir)
-    (out / "points").mkdir(parents=True, exist_ok=True)
+    # Every location is proven writable, and the tracking server reachable, before any training or Sigma pass.
+    check_writable_dir(out / "points", "output directory", "--output-dir")
+    for sub, what in (("models", "model cache"), ("sigma", "Sigma cache"), ("datasets", "dataset cache")):
+        check_writable_dir(Path(config.cache_dir) / sub, what, "--cache-dir")
+    tracker = Tracker(config.tracking_uri or default_tracking_uri(out), config.experiment, enabled=config.track,
+                      artifact_dir=out / "mlartifacts")
     torch_threads = torch.get_num_threads()
     model, model_meta = prepare_model(config)
+    weights = weights_fingerprint(model)
     assignment, chosen, plan = plan_points(model, config)
+    _feasibility(model, assignment, config)
     data_cache = Path(config.cache_dir) / "datasets"
     input_shape = tuple(config.eval_dataset.build(cache_dir=data_cache)[0][0].shape)
-    tracker = Tracker(config.tracking_uri or default_tracking_uri(out), config.experiment, enabled=config.track)
 
     needs = {get_method(m).needs for layer_methods in assignment.values() for m in layer_methods.values()}
     sigmas, sigma_info = {}, {"cached": None}
@@ -291,7 +383,9 @@ def run_compress(config: CompressConfig) -> dict:
         # Sigma of every chosen layer, so that rel_sigma_err is reported for the other methods too.
         sigmas, sigma_info = compute_sigmas(model, chosen, config.sigma, device=config.device,
                                             cache=SigmaCache(Path(config.cache_dir) / "sigma"),
-                                            data_cache_dir=data_cache, progress=config.progress)
+                                            data_cache_dir=data_cache, progress=config.progress,
+                                            checkpoint_dir=out / "sigma_checkpoint",
+                                            checkpoint_every=config.sigma_checkpoint_every)
     stat_layers = {kind: sorted({layer for a in assignment.values() for layer, m in a.items()
                                  if get_method(m).needs == kind}) for kind in ("fisher", "activation")}
     stats, stats_info = compute_layer_stats(model, stat_layers, config.sigma, device=config.device,
@@ -299,9 +393,9 @@ def run_compress(config: CompressConfig) -> dict:
     baseline = _baseline(model, config, input_shape, data_cache, out)
     params = {"model": config.model, "sigma_source": json.dumps(config.sigma.identity(), default=str),
               "eval": json.dumps(config.eval_dataset.identity()), "eval_limit": config.eval_limit,
-              "layers": ",".join(chosen), "device": config.device, "threads": torch_threads}
-    points = []
-    with tracker.run(f"compress-{config.model}", params):
+              "layers": ",".join(chosen), "device": config.device, "threads": torch_threads, "weights": weights}
+    points, failed = [], []
+    with tracker.run(f"compress-{config.model}", params, resume_file=out / "mlflow_run.json"):
         tracker.log_metrics({"baseline_top1": baseline["top1"], "baseline_params": baseline["params"],
                              "sigma_seconds": sigma_info.get("seconds", 0.0)})
         tracker.log_json(plan, "layer_plan.json")
@@ -309,25 +403,28 @@ def run_compress(config: CompressConfig) -> dict:
         ft_data = functools.cache(lambda: finetune_data(config.finetune, data_cache))
         for rule, alpha in config.rules():
             for method in config.methods:
-                points.append(_run_point(model, method, rule, alpha, assignment[method], sigmas, stats, baseline,
-                                         config, input_shape, data_cache, out, tracker))
+                try:
+                    points.append(_run_point(model, method, rule, alpha, assignment[method], sigmas, stats,
+                                             baseline, config, input_shape, data_cache, out, tracker, weights))
+                except PointFailed as exc:  # recorded, not written: a rerun tries it again
+                    failed.append({"slug": exc.slug, "method": method, "rank_rule": rule.describe(),
+                                   "reasons": exc.reasons})
+                    continue
                 if config.finetune is not None and method in config.finetune_methods:
                     points.append(_run_finetune_point(points[-1], rule, ft_data, baseline, config, input_shape,
-                                                      data_cache, out, tracker))
+                                                      data_cache, out, tracker, weights))
         if config.precision:
             points = [_add_precision(p, config, data_cache, out) for p in points]
         result = _write_report(baseline, points, plan, config, out, tracker)
-    return {**result, "baseline": baseline, "points": points, "plan": plan, "sigma_info": sigma_info,
-            "stats_info": stats_info, "model_meta": model_meta, "output_dir": str(out)}
+    return {**result, "baseline": baseline, "points": points, "failed": failed, "plan": plan,
+            "sigma_info": sigma_info, "stats_info": stats_info, "model_meta": model_meta, "output_dir": str(out)}
 
 
 def _baseline(model, config: CompressConfig, input_shape, data_cache, out: Path) -> dict:
     """Accuracy/params/MACs of the original model, cached in the output directory (keyed by the eval view)."""
     path = out / "baseline.json"
     key = json.dumps({"eval": config.eval_dataset.identity(), "limit": config.eval_limit}, sort_keys=True)
-    from pipeline.sigma_cache import model_fingerprint
-
-    fingerprint = model_fingerprint(model)
+    fingerprint = weights_fingerprint(model)
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key and saved.get("fingerprint") == fingerprint:
@@ -340,13 +437,14 @@ def _baseline(model, config: CompressConfig, input_shape, data_cache, out: Path)
 
 
 def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, baseline, config, input_shape,
-               data_cache, out, tracker):
+               data_cache, out, tracker, weights):
     hybrid = any(m != method for m in layer_methods.values())
     label = f"{method}+{config.linear_method}" if hybrid else method  # paper Table 5: "Tucker2-ALS-Sigma + SVD-Sigma"
-    slug = _slug(label, rule, config)
+    slug = _slug(label, rule, config, weights)
     path = out / "points" / f"{slug}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    done = _finished_point(path, out, config)
+    if done is not None:
+        return done
     overrides = {layer: (m, config.layer_rule(m, rule)) for layer, m in layer_methods.items()}
     layer_stats = {layer: data_stats[get_method(m).needs][layer] for layer, m in layer_methods.items()
                    if get_method(m).needs in data_stats}
@@ -358,28 +456,28 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
                                               options=config.solver, device=config.device, progress=config.progress,
                                               stats=layer_stats, overrides=overrides, strict=False)
     secs = time.perf_counter() - tic
+    if not any(o.ok for o in outcomes):
+        raise PointFailed(slug, {o.name: o.error or "" for o in outcomes})
     acc = accuracy(compressed, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)
     stats = model_stats(compressed.cpu(), input_shape)
     point = _point_metrics(label, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
-    point["slug"] = slug
+    point.update(slug=slug, model=config.model, weights=weights)
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": alpha,
                             "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
                      nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if k != "layers"})
         tracker.log_layers(point["layers"])
         if config.save_models:
-            model_dir = save_compressed(out / "models" / slug, config.model, config.num_classes, compressed,
-                                        [o.name for o in outcomes if o.ok],
-                                        extra={"method": label, "rank_rule": rule.describe()})
-            point["model_dir"] = str(model_dir)
-            tracker.log_artifact(model_dir, "model")
+            point.update(_save_point_model(out, slug, config, compressed, [o.name for o in outcomes if o.ok],
+                                           {"method": label, "rank_rule": rule.describe()}))
+            tracker.log_artifact(out / point["model_dir"], "model")
     atomic_write_text(path, json.dumps(point, indent=2, default=str))
     return point
 
 
 def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, config: CompressConfig, input_shape,
-                        data_cache, out: Path, tracker: Tracker) -> dict:
+                        data_cache, out: Path, tracker: Tracker, weights: str) -> dict:
     """Fine-tune the model of point ``base`` (paper's Tucker2-ALS + fine-tuning baseline); cached like any point.
 
     ``ft_data()`` returns the :class:`pipeline.finetune.FinetuneData`; the reported ``top1`` is on the eval set,
@@ -387,33 +485,38 @@ def _run_finetune_point(base: dict, rule: RankRule, ft_data, baseline: dict, con
     """
     label = f"{base['method']}+ft"
     digest = hashlib.sha256(json.dumps(config.finetune.identity(), sort_keys=True).encode()).hexdigest()[:8]
-    slug = f"{_slug(label, rule, config)}-ft{digest}"
+    slug = f"{_slug(label, rule, config, weights)}-ft{digest}"
     path = out / "points" / f"{slug}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    tuned, info = finetune(_point_model(base), config.finetune, ft_data(), device=config.device,
+    done = _finished_point(path, out, config)
+    if done is not None:
+        return done
+    tuned, info = finetune(_point_model(base, out), config.finetune, ft_data(), device=config.device,
                            progress=config.progress)
     acc = accuracy(tuned, config.eval_dataset, limit=config.eval_limit, batch_size=config.batch_size,
                    device=config.device, data_cache_dir=data_cache, progress=config.progress)
     stats = model_stats(tuned.cpu(), input_shape)
     point = _point_metrics(label, rule, base["alpha"], baseline, stats, acc, base["layers"],
                            base["decompose_seconds"])
-    point.update(slug=slug, top1_before_ft=base["top1"], finetune=info, finetune_seconds=info["seconds"])
+    point.update(slug=slug, model=config.model, weights=weights, top1_before_ft=base["top1"], finetune=info,
+                 finetune_seconds=info["seconds"])
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": base["alpha"],
                             "best_lr": info["best_lr"]}, nested=True):
         tracker.log_metrics({k: v for k, v in point.items() if isinstance(v, (int, float)) and v is not None})
         if config.save_models:
             replaced = [row["name"] for row in base["layers"] if row["error"] is None]
-            point["model_dir"] = str(save_compressed(out / "models" / slug, config.model, config.num_classes, tuned,
-                                                     replaced, extra={"method": label, "rank_rule": rule.describe(),
-                                                                      "best_lr": info["best_lr"]}))
+            point.update(_save_point_model(out, slug, config, tuned, replaced,
+                                           {"method": label, "rank_rule": rule.describe(),
+                                            "best_lr": info["best_lr"]}))
     atomic_write_text(path, json.dumps(point, indent=2, default=str))
     return point
 
 
-def _point_model(point: dict) -> nn.Module:
-    """The compressed model saved with ``point`` (fine-tuning and precision start from it)."""
+def _point_model(point: dict, out: Path) -> nn.Module:
+    """The compressed model saved with ``point`` (fine-tuning and precision start from it); ``model_dir`` is
+    relative to the output directory ``out`` (absolute in records of older versions)."""
     model_dir = point.get("model_dir")
+    if model_dir:
+        model_dir = out / model_dir
     if not model_dir or not Path(model_dir).exists():
         raise FileNotFoundError(f"point {point.get('slug')} has no saved model (model_dir={model_dir!r}): delete its "
                                 "JSON in <output_dir>/points to recompute it with save_models=True")
@@ -432,7 +535,7 @@ def _add_precision(point: dict, config: CompressConfig, data_cache, out: Path) -
     # INT8 ranges are calibrated on images of the Sigma dataset: the data the user already allows for compression.
     calib_set = config.sigma.dataset.build(cache_dir=data_cache)
     calib = sample_subset(calib_set, min(config.calib_samples, len(calib_set)), config.sigma.seed)
-    scores = evaluate_precisions(_point_model(point), make_loader(dataset, config.batch_size),
+    scores = evaluate_precisions(_point_model(point, out), make_loader(dataset, config.batch_size),
                                  make_loader(calib, config.batch_size), device=config.device,
                                  progress=config.progress)
     point = {**point, "precision": {**scores, "calib_samples": config.calib_samples},

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
-from torch import nn
 
 from pipeline._io import atomic_path
+from pipeline.fingerprint import weights_fingerprint as model_fingerprint  # the one weights hash (re-exported)
 
 __all__ = ["SigmaCache", "SigmaKey", "fetch_sigmas", "model_fingerprint", "sigma_key", "stats_key"]
 
@@ -61,14 +61,6 @@ _META_SUFFIX = ".json"
 _CHUNK_BYTES = 8 << 20
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict (names, dtypes, shapes and bytes), 16 hex chars."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def sigma_key(
@@ -261,9 +253,14 @@ class SigmaCache:
         cached = self.load_layers(key, layers) if len(layers) > 1 else {}
         missing = [name for name in layers if name not in cached]
         computed = dict(compute(missing)) if missing else {}
-        if computed:
-            self.save_layers(key, computed, description)
-        self.save_index(key, layers, description)
+        try:
+            if computed:
+                self.save_layers(key, computed, description)
+            self.save_index(key, layers, description)
+        except OSError as exc:
+            # Disk full, read-only or vanished cache: the computed Sigmas are still good, use them (issue 8.4).
+            warnings.warn(f"could not write the Sigma cache {self.location} ({exc}); continuing with the "
+                          "Sigmas in memory (the next run computes them again)", stacklevel=2)
         return {name: cached[name] if name in cached else computed[name] for name in layers}, missing
 
     def save_layers(self, key: SigmaKey, sigmas: Mapping[str, torch.Tensor], description: Mapping) -> list[str]:

@@ -601,6 +601,10 @@ def _run_point(point: TrialPoint, key: str, ctx: TrialContext):
     start = time.perf_counter()
     compressed, outcomes = _compress(model, ctx, sigmas, RankRule(alpha=point.alpha), point.method, options, stats)
     decompose_seconds = time.perf_counter() - start
+    if not any(o.ok for o in outcomes):  # a failure, never a result (issue 8.5): Tune counts the trial failed
+        first = next(o for o in outcomes if not o.ok)
+        raise RuntimeError(f"trial {key} ({point.method}, alpha {point.alpha:g}): no layer was compressed "
+                           f"({first.name}: {(first.error or '').splitlines()[0]})")
     start = time.perf_counter()
     acc = accuracy(compressed, ctx.eval_dataset, limit=ctx.eval_limit, batch_size=ctx.batch_size,
                    device=ctx.device, data_cache_dir=ctx.data_cache_dir, progress=False)

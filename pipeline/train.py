@@ -330,7 +330,11 @@ def train_reference(
         ``weights_sha256``, ...) plus
         ``source="trained"``, ``weights_path`` and ``sidecar_path``.
     """
+    from pipeline.preflight import check_writable_dir
+
     weights_path, sidecar_path = reference_paths(config, cache_dir)
+    # Before training, not after: a bad cache location must not cost the training run (issue 8.4).
+    check_writable_dir(weights_path.parent, "model cache", "--cache-dir")
     train_x, train_y = _load_split("train", config, config.train_subset, data_cache_dir)
     test_x, test_y = _load_split("test", config, config.test_subset, data_cache_dir)
     threads = config.num_threads or _available_cores()
@@ -345,7 +349,15 @@ def train_reference(
         test_batches = _TensorBatches(test_x, test_y, _EVAL_BATCH_SIZE)
         scores = evaluate(model, test_batches, progress=progress, desc=f"test {config.model}")
 
-    atomic_save_safetensors(model.state_dict(), weights_path, metadata={"model": config.model})
+    try:
+        atomic_save_safetensors(model.state_dict(), weights_path, metadata={"model": config.model})
+    except OSError as exc:
+        # The trained model is still good: hand it back instead of losing the training (issue 8.4).
+        warnings.warn(f"could not write the trained model to {weights_path} ({exc}); using it from memory, "
+                      "the next run trains it again", stacklevel=2)
+        return model, {"model": config.model, "config": dataclasses.asdict(config), "config_hash": config.cache_key(),
+                       "test_top1": scores["top1"], "test_top5": scores["top5"], "source": "trained (not cached)",
+                       "weights_path": None, "sidecar_path": None}
     metadata = {
         "cache_format_version": CACHE_FORMAT_VERSION,
         "model": config.model,
@@ -365,7 +377,11 @@ def train_reference(
         "created_utc": _utc_now(),
     }
     # Written last: a sidecar on disk implies a complete weights file.
-    atomic_write_text(sidecar_path, json.dumps(metadata, indent=2) + "\n")
+    try:
+        atomic_write_text(sidecar_path, json.dumps(metadata, indent=2) + "\n")
+    except OSError as exc:
+        warnings.warn(f"could not write {sidecar_path} ({exc}); the model is used from memory and trained "
+                      "again next time", stacklevel=2)
     return model, _with_paths(metadata, "trained", weights_path, sidecar_path)
 
 

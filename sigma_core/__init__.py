@@ -92,3 +92,6 @@ __all__ = [
 __all__ += ["CPConv", "CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma",
             "cp_rank_alpha", "cp_rank_from_fraction", "cp_vbmf_rank", "validate_cp_rank"]
 __all__ += ["INITS"]
+from sigma_core.covariance import PSD_TOL, check_psd  # noqa: E402
+
+__all__ += ["PSD_TOL", "check_psd"]

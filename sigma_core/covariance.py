@@ -32,6 +32,8 @@ __all__ = [
     "patch_dim",
     "factor_sigma",
     "validate_sigma",
+    "check_psd",
+    "PSD_TOL",
 ]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -473,6 +475,49 @@ def validate_sigma(sigma: torch.Tensor, n: int | None = None, *, sym_tol: float 
         raise ValueError(
             f"Sigma is not symmetric (max |Sigma - Sigma^T| = {float(asym):.3g}, max |Sigma| = {float(scale):.3g})"
         )
+
+
+# Relative tolerance of the PSD check: eigenvalues down to -PSD_TOL * lambda_max pass (rounding of a Gram summed
+# in float32 chunks stays far below; an edited or wrongly shrunk Sigma is far above).
+PSD_TOL = 1e-6
+
+
+def check_psd(sigma: torch.Tensor, *, tol: float = PSD_TOL) -> None:
+    """Raise a ValueError unless Sigma is positive semi-definite to ``tol``: ``lambda_min >= -tol * lambda_max``.
+
+    Cheap: one Cholesky of ``Sigma + tol * max(diag) * I`` (O(n^3 / 3), less than one ALS sweep) proves it in the
+    usual case, since ``max(diag) <= lambda_max``; only when that fails are the eigenvalues computed to decide.
+    An indefinite Sigma makes every Sigma-norm error meaningless (``||E L||_F^2`` can be negative, e.g. 0
+    reported for Sigma = -I), so the decompositions refuse it.
+
+    Parameters
+    ----------
+    sigma : torch.Tensor, shape (n, n)
+        Symmetric (checked by :func:`validate_sigma` first).
+    tol : float
+        Relative tolerance, default :data:`PSD_TOL`.
+    """
+    diag = sigma.diagonal()
+    fix = ("a second moment E[u u^T] is PSD by construction: recompute it from the layer's inputs "
+           "(sigma_core.accumulate_sigma / compute_sigmas) instead of editing it, or clip its negative eigenvalues "
+           "if it comes from a shrinkage or transfer step")
+    if bool((diag < 0).any()):
+        raise ValueError(f"Sigma is not positive semi-definite: {int((diag < 0).sum())} negative diagonal "
+                         f"entries (min {float(diag.min()):.3g}); {fix}")
+    scale = float(diag.max())
+    if scale == 0.0:
+        if bool((sigma != 0).any()):
+            raise ValueError(f"Sigma is not positive semi-definite: zero diagonal but non-zero entries; {fix}")
+        return  # Sigma = 0 (a layer whose inputs are all zero) is PSD
+    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    _, info = torch.linalg.cholesky_ex(sigma + tol * scale * eye)
+    if int(info) == 0:
+        return
+    evals = torch.linalg.eigvalsh(sigma)
+    lo, hi = float(evals[0]), float(evals[-1])
+    if lo < -tol * max(hi, 0.0):
+        raise ValueError(f"Sigma is not positive semi-definite: min eigenvalue {lo:.3g} vs max {hi:.3g} "
+                         f"(tolerance {tol:g} * max); {fix}")
 
 
 def factor_sigma(

@@ -52,11 +52,11 @@ def test_compress_job_end_to_end(tmp_path, vgg_weights):
     assert "tucker2-als-sigma" in (out / "results.md").read_text()
 
     # The saved model rebuilds without the decomposition and gives the same outputs.
-    rebuilt = load_compressed(sig["model_dir"])
+    rebuilt = load_compressed(out / sig["model_dir"])  # relative to the output dir
     assert isinstance(get_module(rebuilt, sig["layers"][0]["name"]), Tucker2Conv)
     x = torch.randn(4, 1, 28, 28)
     saved_state = rebuilt.state_dict()
-    again = load_compressed(sig["model_dir"])
+    again = load_compressed(out / sig["model_dir"])  # relative to the output dir
     torch.testing.assert_close(again(x), rebuilt(x))
     assert set(saved_state) == set(again.state_dict())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,6 +275,6 @@ def test_compress_job_svd_and_hybrid(tmp_path, vgg_weights):
     assert {n: r["method"] for n, r in hybrid.items()} == {"features.4": "tucker2-als-sigma",
                                                           "classifier.1": "svd-sigma"}
     assert hybrid["classifier.1"]["ranks"] == sig["ranks"]
-    rebuilt = load_compressed(points["tucker2-als-sigma+svd-sigma"]["model_dir"])
+    rebuilt = load_compressed(Path(config.output_dir) / points["tucker2-als-sigma+svd-sigma"]["model_dir"])
     assert isinstance(get_module(rebuilt, "features.4"), Tucker2Conv)
     assert isinstance(get_module(rebuilt, "classifier.1"), LowRankLinear)

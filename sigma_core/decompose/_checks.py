@@ -1,14 +1,15 @@
 """Input checks shared by the decomposition entry points, so that every method rejects bad input alike.
 
 Each check raises a ``ValueError`` whose message says what is wrong and what to do about it; rank and Sigma
-checks are those of :mod:`sigma_core.ranks` and :func:`sigma_core.covariance.validate_sigma`.
+checks are those of :mod:`sigma_core.ranks`, :func:`sigma_core.covariance.validate_sigma` and
+:func:`sigma_core.covariance.check_psd` (positive semi-definite to ``PSD_TOL``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sigma_core.covariance import validate_sigma
+from sigma_core.covariance import check_psd, validate_sigma
 from sigma_core.ranks import validate_cp_rank, validate_svd_rank, validate_tucker2_ranks
 
 __all__ = [
@@ -125,6 +126,7 @@ def check_tucker2_inputs(kernel: torch.Tensor, sigma: torch.Tensor, ranks: tuple
     t, s, h, w = check_kernel(kernel)
     ranks = validate_tucker2_ranks((t, s, h, w), ranks)
     validate_sigma(sigma, s * h * w)
+    check_psd(sigma)
     return ranks
 
 
@@ -145,6 +147,7 @@ def check_cp_inputs(kernel: torch.Tensor, sigma: torch.Tensor, rank: int) -> int
     t, s, h, w = check_kernel(kernel)
     rank = validate_cp_rank((t, s, h, w), rank)
     validate_sigma(sigma, s * h * w)
+    check_psd(sigma)
     return rank
 
 

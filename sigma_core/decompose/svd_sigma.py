@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from sigma_core.covariance import factor_sigma, validate_sigma
+from sigma_core.covariance import check_psd, factor_sigma, validate_sigma
 from sigma_core.decompose._checks import as_matrix, check_weight
 from sigma_core.decompose._result import LowRankResult
 
@@ -93,6 +93,7 @@ def svd_sigma(weight: torch.Tensor, sigma: torch.Tensor, rank: int, *,
     tic = time.perf_counter()
     w0, rank = check_weight(weight, rank)
     validate_sigma(sigma, w0.shape[1])
+    check_psd(sigma)
     # max_jitter=0: an exact square root (Cholesky of Sigma itself, else the eigen factor), so that W~ is the
     # minimizer for Sigma and not for Sigma + jitter I.
     factor = factor_sigma(sigma.to(dtype), max_jitter=0.0)

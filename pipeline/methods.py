@@ -25,7 +25,7 @@ from sigma_core import (
     tucker2_als_sigma,
 )
 
-from sigma_core import INITS, LowRank1x1Conv, LowRankLinear, WeightedTucker2Config, ag_lra, fw_lra, svd_sigma, svd_truncated
+from sigma_core import INITS, LowRank1x1Conv, tt_svd, LowRankLinear, WeightedTucker2Config, ag_lra, fw_lra, svd_sigma, svd_truncated
 
 __all__ = ["Method", "METHODS", "get_method", "SolverOptions", "tucker2_ranks", "cp_ranks", "svd_ranks", "STATISTICS"]
 
@@ -164,6 +164,11 @@ def _svd_plain(weight, sigma, ranks, options: SolverOptions, device):
     return svd_truncated(weight, ranks[0])
 
 
+def _tt_svd(weight, sigma, ranks, options: SolverOptions, device):
+    # RENE(TT)'s per-layer decomposition (closed form; RENE spec Sec. 2.1): TT-SVD == ST-HOSVD, a Tucker2Result.
+    return tt_svd(weight, tuple(int(r) for r in ranks))
+
+
 def _build_low_rank(module: nn.Module, result) -> nn.Module:
     """Two linear layers for an nn.Linear, two 1x1 convs for a 1x1 nn.Conv2d (paper App. E)."""
     if isinstance(module, nn.Linear):
@@ -192,6 +197,7 @@ METHODS: dict[str, Method] = {
     "svd": Method("svd", "svd", False, _svd_plain, _build_low_rank, _SVD_LAYERS, svd_ranks),
     "fw-lra": Method("fw-lra", "tucker2", False, _fw_lra, Tucker2Conv.from_result, needs="fisher"),
     "ag-lra": Method("ag-lra", "tucker2", False, _ag_lra, Tucker2Conv.from_result, needs="activation"),
+    "tt-svd": Method("tt-svd", "tucker2", False, _tt_svd, Tucker2Conv.from_result),
 }
 
 

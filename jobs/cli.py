@@ -73,8 +73,9 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--eval-root", default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--methods", default="tucker2-als,tucker2-als-sigma" if demo else "tucker2-als-sigma")
-    p.add_argument("--alpha", type=_floats, default=DEMO_ALPHAS if demo else (0.8,),
-                   help="VBMF ratio(s) of paper Eq. 2, comma separated")
+    p.add_argument("--alpha", type=_floats, default=None,
+                   help=f"VBMF ratio(s) of paper Eq. 2, comma separated (default {DEMO_ALPHAS if demo else (0.8,)})")
+    p.set_defaults(default_alpha=DEMO_ALPHAS if demo else (0.8,))
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--ranks", type=_ranks, default=None, help="explicit Tucker-2 R_T,R_S for every layer")
     rank.add_argument("--fraction", type=float, default=None, help="ranks = fraction of each layer's channels")
@@ -102,6 +103,9 @@ def _add_compress(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-save-models", action="store_true")
     _add_finetune(p)
+    from jobs.cli_alloc import add_target_flags
+
+    add_target_flags(p)
     p.add_argument("--finetune-methods", default=None,
                    help="methods whose compressed model is fine-tuned (extra point '<method>+ft'); default: "
                         "tucker2-als when among --methods (the paper's baseline), else every method")
@@ -196,6 +200,10 @@ def compress_config(args):
         n_samples=args.n_samples, seed=args.sigma_seed, centered=args.centered,
     )
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    from jobs.cli_alloc import target_kwargs
+
+    args.alpha_given = args.alpha is not None
+    args.alpha = args.alpha if args.alpha is not None else args.default_alpha
     return CompressConfig(
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         train=_train_config(args) if args.model in REFERENCE_MODELS and args.weights is None else None,
@@ -214,6 +222,7 @@ def compress_config(args):
         finetune=_finetune_config(args),
         finetune_methods=_finetune_methods(args),
         precision=args.precision, calib_samples=args.calib_samples,
+        **target_kwargs(args),
     )
 
 
@@ -242,6 +251,11 @@ def _cmd_compress(args) -> int:
     if skipped:
         print("\nLayers left dense:\n" + "\n".join(skipped))
     print("\nAccuracy vs compression (no fine-tuning except '+ft' rows):\n" + result["table"])
+    from pipeline.allocation import target_line
+
+    targets = [line for line in map(target_line, result["points"]) if line]
+    if targets:
+        print("\nSize targets:\n" + "\n".join("  " + line for line in targets))
     precision = [p for p in result["points"] if "precision" in p]
     if precision:
         print("\nPost-training precision (top-1 %):\n" + "\n".join(

@@ -37,7 +37,9 @@ from pipeline.report import layer_table, method_comparison, plot_accuracy_vs_com
 from pipeline.sigma_cache import SigmaCache
 from pipeline.tracking import Tracker, default_tracking_uri
 from pipeline.train import TrainConfig, load_or_train_reference
+from pipeline.allocation import AllocationConfig, budgeted_overrides, check_target_config, target_point_fields
 from sigma_core import LayerChoice, RankRule, plan_layers
+from sigma_core.allocate import RankTarget
 
 __all__ = ["CompressConfig", "run_compress", "prepare_model"]
 
@@ -94,10 +96,15 @@ class CompressConfig:
     finetune_methods: tuple[str, ...] = ("tucker2-als",)
     precision: bool = False
     calib_samples: int = 500
+    # Budgeted allocation (pipeline.allocation): a model-level size target replaces the per-layer rank rule; the
+    # alphas then only add their ranks to the candidate grid (so the budget of an alpha point is never worse).
+    target: RankTarget | None = None
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
 
     def __post_init__(self) -> None:
         for name in self.methods:
             get_method(name)
+        check_target_config(self)
         if not self.methods:
             raise ValueError("methods is empty: choose at least one of the registered methods")
         if self.ranks is None and self.fraction is None and self.cp_rank is None and not self.alphas \
@@ -145,6 +152,8 @@ class CompressConfig:
 
     def rules(self) -> list[tuple[RankRule, float | None]]:
         """Rank rules of the grid, each with its alpha (None for explicit ranks or fractions)."""
+        if self.target is not None:
+            return [(RankRule(target=self.target), None)]
         if self.ranks is not None:
             return [(RankRule(ranks=tuple(self.ranks)), None)]
         if self.fraction is not None:
@@ -231,6 +240,9 @@ def plan_points(model: nn.Module, config: CompressConfig) -> tuple[dict[str, dic
 def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
     # Hybrid / SVD settings enter the identity only when set, so that existing points keep their slugs.
     extra = {k: getattr(config, k) for k in ("linear_method", "svd_rank", "compress_last_linear") if getattr(config, k)}
+    if rule.target is not None:
+        extra["allocation"] = asdict(config.allocation)
+        extra["alphas"] = config.alphas  # their ranks join the candidate grid
     solver = asdict(config.solver)
     if solver["cp_init"] == "svd":  # the default, added later: leave it out so that existing slugs stay valid
         del solver["cp_init"]
@@ -247,6 +259,8 @@ def _slug(method: str, rule: RankRule, config: CompressConfig) -> str:
         label = f"fraction{rule.fraction:g}"
     elif rule.cp_rank is not None:
         label = f"cprank{rule.cp_rank}"
+    elif rule.target is not None:
+        label = f"target-{rule.target.label()}"
     else:
         label = f"svdrank{rule.svd_rank}"
     return f"{method}-{label}-{digest}"
@@ -342,10 +356,16 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     path = out / "points" / f"{slug}.json"
     if path.exists():
         return json.loads(path.read_text())
-    overrides = {layer: (m, config.layer_rule(m, rule)) for layer, m in layer_methods.items()}
     layer_stats = {layer: data_stats[get_method(m).needs][layer] for layer, m in layer_methods.items()
                    if get_method(m).needs in data_stats}
     tic = time.perf_counter()
+    allocation = None
+    if rule.target is not None:
+        allocation = budgeted_overrides(model, layer_methods, sigmas, layer_stats, config, input_shape, data_cache)
+        overrides = allocation.overrides(layer_methods)
+        layer_methods = {layer: m for layer, m in layer_methods.items() if layer in overrides}
+    else:
+        overrides = {layer: (m, config.layer_rule(m, rule)) for layer, m in layer_methods.items()}
     compressed, outcomes = compress_model(model, list(layer_methods), sigmas, rule, method, options=config.solver,
                                           device=config.device, progress=config.progress, stats=layer_stats,
                                           overrides=overrides)
@@ -355,6 +375,8 @@ def _run_point(model, method, rule, alpha, layer_methods, sigmas, data_stats, ba
     stats = model_stats(compressed.cpu(), input_shape)
     point = _point_metrics(label, rule, alpha, baseline, stats, acc, outcome_rows(outcomes), secs)
     point["slug"] = slug
+    if allocation is not None:
+        point.update(target_point_fields(allocation, baseline, stats))
     with tracker.run(slug, {"method": label, "rank_rule": rule.describe(), "alpha": alpha,
                             "n_samples": config.sigma.n_samples, "sigma_dataset": config.sigma.dataset.name},
                      nested=True):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Candidate", "LayerCandidates", "Allocation", "allocate", "reachable_cost", "pareto_prune"]
+__all__ = ["Candidate", "LayerCandidates", "Allocation", "allocate", "reachable_cost", "pareto_prune", "RankTarget"]
 
 
 @dataclass(frozen=True)
@@ -220,3 +220,79 @@ def allocate(layers: Sequence[LayerCandidates] | Mapping[str, Sequence[Candidate
     cost = sum(c.cost for c in chosen)
     return Allocation(tuple(l.name for l in layers), tuple(chosen), float(sum(c.error for c in chosen)), cost,
                       budget, budget - cost, tuple(sizes))
+
+
+_PROXIES = ("sigma", "loss")
+
+
+@dataclass(frozen=True)
+class RankTarget:
+    """A model-level size target for budgeted allocation; exactly one of ``cr``, ``params``, ``mac_reduction``.
+
+    Attributes
+    ----------
+    cr : float, optional
+        Compression rate ``params(original) / params(compressed)`` to reach, ``> 1``.
+    params : int, optional
+        Total parameters of the compressed model, ``>= 1``.
+    mac_reduction : float, optional
+        ``MACs(original) / MACs(compressed)`` to reach, ``> 1``.
+    proxy : {"sigma", "loss"}
+        Per-layer error the allocation minimizes: ``rel_sigma_err^2`` (Proposition 1: relative output MSE) or the
+        measured loss increase with only that layer factorized.
+    """
+
+    cr: float | None = None
+    params: int | None = None
+    mac_reduction: float | None = None
+    proxy: str = "sigma"
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("cr", "params", "mac_reduction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one target of cr (--target-cr), params (--target-params) and "
+                             f"mac_reduction (--target-mac-reduction); got {given or 'none'}")
+        for key in ("cr", "mac_reduction"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value > 1):
+                raise ValueError(f"target {key} must be a number > 1 (1 is the original model), got {value!r}")
+        if self.params is not None:
+            if isinstance(self.params, bool) or int(self.params) != self.params or self.params < 1:
+                raise ValueError(f"target params must be an int >= 1, got {self.params!r}")
+            object.__setattr__(self, "params", int(self.params))
+        if self.proxy not in _PROXIES:
+            raise ValueError(f"proxy must be one of {_PROXIES}, got {self.proxy!r}")
+
+    @property
+    def metric(self) -> str:
+        """``"params"`` or ``"macs"``: what the budget counts."""
+        return "macs" if self.mac_reduction is not None else "params"
+
+    def total_budget(self, original_total: int) -> int:
+        """Largest total (params or MACs) of the whole compressed model that meets the target."""
+        if self.params is not None:
+            return self.params
+        ratio = self.cr if self.cr is not None else self.mac_reduction
+        return int(math.floor(original_total / ratio))
+
+    def achieved(self, original_total: int, total: int) -> float:
+        """The target's quantity for a model of ``total`` params / MACs (CR, params, or MAC reduction)."""
+        return float(total) if self.params is not None else original_total / total
+
+    def describe(self) -> str:
+        if self.cr is not None:
+            what = f"CR {self.cr:g}"
+        elif self.params is not None:
+            what = f"params {self.params}"
+        else:
+            what = f"MAC reduction {self.mac_reduction:g}"
+        return f"target {what} (budgeted, {self.proxy} proxy)"
+
+    def label(self) -> str:
+        """Short slug label, e.g. ``"cr5-sigma"``."""
+        if self.cr is not None:
+            return f"cr{self.cr:g}-{self.proxy}"
+        if self.params is not None:
+            return f"params{self.params}-{self.proxy}"
+        return f"macx{self.mac_reduction:g}-{self.proxy}"

@@ -614,6 +614,9 @@ class RankRule:
         1-tuple ``ranks``) so that a Tucker-2 pair and a CP rank can never be confused.
     svd_rank : int, optional
         Fixed SVD rank ``r >= 1`` of a linear layer / 1x1 conv (App. E); checked in :meth:`resolve_svd`.
+    target : sigma_core.allocate.RankTarget, optional
+        A model-level size target (CR, parameters or MAC reduction): the ranks come from budgeted allocation over
+        all layers together (``pipeline.allocation``), so a single layer cannot resolve it.
 
     Notes
     -----
@@ -627,13 +630,19 @@ class RankRule:
     fraction: float | None = None
     cp_rank: int | None = None
     svd_rank: int | None = None
+    target: Any = None
 
     def __post_init__(self) -> None:
-        fields = ("alpha", "ranks", "fraction", "cp_rank", "svd_rank")
+        fields = ("alpha", "ranks", "fraction", "cp_rank", "svd_rank", "target")
         given = [name for name in fields if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"RankRule needs exactly one of alpha, ranks, fraction, cp_rank, svd_rank; got "
+            raise ValueError(f"RankRule needs exactly one of alpha, ranks, fraction, cp_rank, svd_rank, target; got "
                              f"{given or 'none'}")
+        if self.target is not None:
+            from sigma_core.allocate import RankTarget
+
+            if not isinstance(self.target, RankTarget):
+                raise ValueError(f"target must be a sigma_core.allocate.RankTarget, got {type(self.target).__name__}")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", _check_alpha(self.alpha))
         if self.ranks is not None:
@@ -680,6 +689,9 @@ class RankRule:
         family's rank functions; a fixed rank of another family raises ``ValueError``.
         """
         self._reject_other_families(family)
+        if self.target is not None:
+            raise ValueError(f"RankRule({self.target.describe()}) is a model-level budget: one layer cannot resolve it; "
+                             "allocate the ranks of all layers first (pipeline.allocation.allocate_ranks)")
         if self.alpha is not None:
             return by_alpha(tensor, self.alpha)
         shape = tuple(tensor.shape)
@@ -704,4 +716,6 @@ class RankRule:
             return f"fixed CP rank R={self.cp_rank}"
         if self.svd_rank is not None:
             return f"fixed SVD rank r={self.svd_rank}"
+        if self.target is not None:
+            return self.target.describe()
         return f"fraction={self.fraction:g} of T and S"

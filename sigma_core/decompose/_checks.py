@@ -21,10 +21,11 @@ __all__ = [
 INITS = ("svd", "random")
 
 
-def check_init(init: str, name: str = "init") -> None:
-    """Reject an initialization that is not one of :data:`INITS` (``name`` is the setting's name in messages)."""
-    if init not in INITS:
-        raise ValueError(f"{name} must be one of {INITS}, got {init!r}")
+def check_init(init: str, name: str = "init", allowed: tuple[str, ...] = INITS) -> None:
+    """Reject an initialization that is not one of ``allowed`` (default :data:`INITS`; ``name`` is the setting's
+    name in messages)."""
+    if init not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {init!r}")
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -164,7 +165,7 @@ def check_solver_settings(config) -> None:
     """
     if config.solver not in ("auto", "direct", "cg"):
         raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {config.solver!r}")
-    check_init(config.init)
+    check_init(config.init, allowed=getattr(config, "INITS", INITS))
     if not (config.max_iter >= 0 and config.tol >= 0) or config.cg_maxiter < 1 or config.kron_iters < 1:
         raise ValueError(f"max_iter and tol must be >= 0, cg_maxiter and kron_iters >= 1, got max_iter="
                          f"{config.max_iter}, tol={config.tol}, cg_maxiter={config.cg_maxiter}, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -52,13 +53,27 @@ class Tucker2SigmaConfig:
     direct_max_unknowns : int
         Threshold of the ``"auto"`` solver choice.
     init : str
-        ``"svd"`` (leading left singular vectors of the mode-2 unfolding of K) or ``"random"``.
+        ``"svd"`` (leading left singular vectors of the mode-2 unfolding of K), ``"random"``, or ``"kron"``:
+        the Sigma-whitened start -- with the Kronecker fit ``Sigma ~ Sigma_S kron Sigma_P = (L_S L_S^T) kron
+        (L_P L_P^T)`` the Sigma problem becomes the Frobenius Tucker-2 of ``K' = K x_2 L_S^T x_3 L_P^T`` (exact
+        when Sigma is a Kronecker product); ``init_iters`` HOOI iterations on K' give V and ``U_S = L_S^{-T} V``.
     ridge : float
         ``ridge * mean(diag(Sigma))`` is added to Sigma's diagonal so that rank-deficient Sigma (dead ReLU
         channels) keeps every system positive definite; 1e-10 changes errors only at that relative level.
     kron_iters : int
         Flip-flop iterations of the Kronecker preconditioner fit.
+    matvec_dtype : str
+        ``"float64"`` or ``"float32"``: precision of the Step B mat-vecs in inexact mode (``cg_steps`` set, CG
+        solver). float32 halves the cost of the dominant GEMM; the residual is formed in float64 and the CG
+        correction added to the float64 iterate (one step of iterative refinement per sweep), the objective is
+        always evaluated in float64, and a sweep whose objective would increase is redone with float64
+        mat-vecs, so the error still never increases. Exact mode (``cg_steps=None``) always uses float64.
+    init_iters : int
+        HOOI iterations of the ``init="kron"`` start in the whitened Frobenius problem.
     """
+
+    # "kron": Sigma-whitened start (see _init_u_s_kron); Tucker-2 only, CP keeps sigma_core.INITS.
+    INITS: ClassVar[tuple[str, ...]] = ("svd", "random", "kron")
 
     max_iter: int = 100
     tol: float = 1e-6
@@ -70,9 +85,15 @@ class Tucker2SigmaConfig:
     init: str = "svd"
     ridge: float = 1e-10
     kron_iters: int = 20
+    matvec_dtype: str = "float64"
+    init_iters: int = 5
 
     def __post_init__(self) -> None:
         check_solver_settings(self)
+        if self.matvec_dtype not in ("float64", "float32"):
+            raise ValueError(f"matvec_dtype must be 'float64' or 'float32', got {self.matvec_dtype!r}")
+        if self.init_iters < 0:
+            raise ValueError(f"init_iters must be >= 0, got {self.init_iters}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,35 @@ def _init_u_s(kernel: torch.Tensor, r_s: int, init: str, generator: torch.Genera
     return torch.linalg.qr(g).Q
 
 
+def _top_left(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The r leading left singular vectors of a (m, k) matrix, from the eigenvectors of its m x m Gram."""
+    _, vecs = torch.linalg.eigh(x @ x.T)
+    return vecs[:, -r:].flip(-1)
+
+
+def _init_u_s_kron(layer: _Layer, r_t: int, r_s: int, chol_s: torch.Tensor, sigma_p: torch.Tensor,
+                   iters: int) -> torch.Tensor:
+    """Sigma-whitened start (config ``init="kron"``): U_S (S, R_S) with orthonormal columns.
+
+    With ``Sigma ~ Sigma_S kron Sigma_P``, ``L_S = chol(Sigma_S)``, ``L_P = chol(Sigma_P)``:
+    ``||(K1 - K~1) L||`` becomes ``||K' - K~'||_F`` with ``K'[t] = L_S^T K[t] L_P`` (S x P slices) and
+    ``K~'`` a Tucker-2 whose input factor is ``V = L_S^T U_S``. HOSVD of K' then ``iters`` HOOI iterations
+    (alternating leading singular subspaces of the mode-1 / mode-2 unfoldings of K' times the other factor)
+    give V; ``U_S = L_S^{-T} V``, re-orthonormalized (Step A only sees its span). Costs a few T x T and S x S
+    eigendecompositions and O(T S P (R_S + R_T)) products: nothing of order n^2.
+    """
+    t, s, h, w = layer.shape
+    p = h * w
+    l_p = _chol_psd(sigma_p)
+    kw = torch.einsum("tsp,sa,pq->taq", layer.k1.reshape(t, s, p), chol_s, l_p)  # (T, S, P)
+    v = _top_left(kw.transpose(0, 1).reshape(s, t * p), r_s)
+    for _ in range(iters):
+        u = _top_left(torch.einsum("tsp,sb->tbp", kw, v).reshape(t, r_s * p), r_t)
+        v = _top_left(torch.einsum("tsp,ta->sap", kw, u).reshape(s, r_t * p), r_s)
+    u_s = torch.linalg.solve_triangular(chol_s.T, v, upper=True)
+    return torch.linalg.qr(u_s).Q
+
+
 def _chol_psd(a: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a PSD matrix, with the smallest jitter (1e-14.. relative) that makes it succeed."""
     factor, info = torch.linalg.cholesky_ex(a)
@@ -142,16 +192,15 @@ def _step_a(layer: _Layer, u_s: torch.Tensor, r_t: int) -> tuple[torch.Tensor, t
     a = 0.5 * (a + a.T)
     ksm = torch.einsum("tsp,sb->tbp", layer.ksig.reshape(t, s, p), u_s).reshape(t, rsp)
     c = _chol_psd(a)
-    y = torch.linalg.solve_triangular(c, ksm.T, upper=False).T  # K1 Sigma M C^{-T}
-    # R_T > R_S*P (e.g. 1x1 convs with R_T > R_S): K~1 has rank <= R_S*P, so U_T is completed by any orthonormal
-    # columns (full U of the SVD) whose core rows are zero.
-    u, sv, vh = torch.linalg.svd(y, full_matrices=r_t > min(y.shape))
-    u_t = u[:, :r_t]
-    svh = sv[:r_t, None] * vh[: sv.shape[0]][:r_t]  # s_R V_R^T
-    if svh.shape[0] < r_t:
-        svh = torch.cat([svh, svh.new_zeros(r_t - svh.shape[0], rsp)])
+    y = torch.linalg.solve_triangular(c, ksm.T, upper=False).T  # K1 Sigma M C^{-T}, (T, R_S P)
+    # Leading left singular vectors of y from the eigenvectors of the T x T Gram y y^T (one GEMM and a small
+    # eigh instead of an SVD of y): f needs only sum s_i^2 = sum of the top R_T eigenvalues, and
+    # s_R V_R^T = U_R^T y, so V is never needed. The full eigenbasis also completes U_T when R_T > rank(y).
+    evals, evecs = torch.linalg.eigh(y @ y.T)
+    u_t = evecs[:, -r_t:].flip(-1)
+    svh = u_t.T @ y  # s_R V_R^T
     g1 = torch.linalg.solve_triangular(c.T, svh.T, upper=True).T  # s_R V_R^T C^{-1}
-    f = layer.knorm2 - float((sv[:r_t] ** 2).sum())
+    f = layer.knorm2 - float(evals[-r_t:].clamp_min(0).sum())
     return u_t.contiguous(), g1.reshape(r_t, r_s, p), max(f, 0.0)
 
 
@@ -162,11 +211,14 @@ def _step_b_rhs(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor) -> torch.T
     return torch.einsum("asp,abp->sb", z, core)
 
 
-def _step_b_matvec(layer: _Layer, core: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Normal operator ``U -> sum_a mat(Sigma vec(U G_a)) G_a^T``: ~2 R_T n^2 flops, Sigma never reshaped."""
+def _step_b_matvec(layer: _Layer, core: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """Normal operator ``U -> sum_a mat(Sigma vec(U G_a)) G_a^T``: ~2 R_T n^2 flops, Sigma never reshaped.
+
+    ``sigma`` (default ``layer.sigma``) may be a lower-precision copy; ``core`` and ``u`` must have its dtype.
+    """
     s, p = layer.sp
     v = torch.einsum("sb,abp->asp", u, core).reshape(core.shape[0], s * p)
-    w = (v @ layer.sigma).reshape(-1, s, p)
+    w = (v @ (layer.sigma if sigma is None else sigma)).reshape(-1, s, p)
     return torch.einsum("asp,abp->sb", w, core)
 
 
@@ -267,14 +319,27 @@ def _pcg(
 
 
 def _step_b(layer: _Layer, u_t: torch.Tensor, core: torch.Tensor, u_s: torch.Tensor, config: Tucker2SigmaConfig,
-            kron: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, int]:
-    """Step B: the new U_S (S, R_S), directly (``kron`` None) or by PCG from ``u_s``; returns (U_S, CG iterations)."""
+            kron: tuple[torch.Tensor, torch.Tensor] | None,
+            sigma_lo: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Step B: the new U_S (S, R_S), directly (``kron`` None) or by PCG from ``u_s``; returns (U_S, CG iterations).
+
+    With ``sigma_lo`` (a float32 copy of Sigma; inexact mode only) the float64 residual ``rhs - A u_s`` is
+    formed once and ``cg_steps`` PCG steps on the correction ``A d = r`` (from d = 0) use float32 mat-vecs.
+    """
     if kron is None:
         return _step_b_direct(layer, u_t, core), 0
     exact = config.cg_steps is None
-    return _pcg(lambda x: _step_b_matvec(layer, core, x), _KronPreconditioner(kron[0], kron[1], core),
-                _step_b_rhs(layer, u_t, core), u_s,
-                tol=config.cg_tol if exact else 0.0, maxiter=config.cg_maxiter if exact else config.cg_steps)
+    pre = _KronPreconditioner(kron[0], kron[1], core)
+    rhs = _step_b_rhs(layer, u_t, core)
+    if sigma_lo is None or exact:
+        return _pcg(lambda x: _step_b_matvec(layer, core, x), pre, rhs, u_s,
+                    tol=config.cg_tol if exact else 0.0, maxiter=config.cg_maxiter if exact else config.cg_steps)
+    lo = sigma_lo.dtype
+    core_lo = core.to(lo)
+    r = rhs - _step_b_matvec(layer, core, u_s)
+    d, iters = _pcg(lambda x: _step_b_matvec(layer, core_lo, x.to(lo), sigma_lo).to(u_s.dtype), pre, r,
+                    torch.zeros_like(u_s), tol=0.0, maxiter=config.cg_steps)
+    return u_s + d, iters
 
 
 def _rel(f: float, layer: _Layer) -> float:
@@ -356,21 +421,40 @@ def tucker2_als_sigma(
     start = time.perf_counter()
     layer = _prepare(kernel, sigma, config.ridge, dtype)
     solver, kron = _u_s_solver(layer, config, r_s)
+    # float32 mat-vecs only where they apply (inexact CG); "exact" solves stay float64 throughout.
+    lo = config.matvec_dtype == "float32" and solver == "cg" and config.cg_steps is not None and dtype != torch.float32
+    sigma_lo = layer.sigma.to(torch.float32) if lo else None
 
-    u_s = _init_u_s(layer.k1.reshape(t, s, h, w), r_s, config.init, generator)
+    if config.init == "kron":
+        if kron is None:
+            sigma_s, sigma_p = kronecker_fit(layer.sigma, s, h * w, config.kron_iters)
+            kron_init = (_chol_psd(sigma_s), sigma_p)
+        else:
+            kron_init = kron
+        u_s = _init_u_s_kron(layer, r_t, r_s, *kron_init, config.init_iters)
+    else:
+        u_s = _init_u_s(layer.k1.reshape(t, s, h, w), r_s, config.init, generator)
     u_t, core, f = _step_a(layer, u_s, r_t)
     errors = [_rel(f, layer)]
     info: dict = {"solver": solver, "ridge": config.ridge, "cg_iters": [], "sweep_seconds": [],
+                  "matvec_dtype": "float32" if lo else "float64", "float64_redos": 0,
                   "setup_seconds": time.perf_counter() - start}
     if callback is not None:
         callback(0, errors[-1], info)
     converged = False
     for sweep in range(1, config.max_iter + 1):
         tic = time.perf_counter()
-        new_u_s, iters = _step_b(layer, u_t, core, u_s, config, kron)
+        new_u_s, iters = _step_b(layer, u_t, core, u_s, config, kron, sigma_lo)
         # Step A only sees span(U_S): re-orthonormalize for conditioning, the error is unchanged.
         new_u_s = torch.linalg.qr(new_u_s).Q
         new_u_t, new_core, new_f = _step_a(layer, new_u_s, r_t)
+        if sigma_lo is not None and new_f > f * (1 + 1e-12) + 1e-300:
+            # float32 rounding in the CG correction: redo this sweep's Step B in float64 (monotone again).
+            info["float64_redos"] += 1
+            new_u_s, more = _step_b(layer, u_t, core, u_s, config, kron)
+            iters += more
+            new_u_s = torch.linalg.qr(new_u_s).Q
+            new_u_t, new_core, new_f = _step_a(layer, new_u_s, r_t)
         info["cg_iters"].append(iters)
         info["sweep_seconds"].append(time.perf_counter() - tic)
         if new_f > f * (1 + 1e-12) + 1e-300:

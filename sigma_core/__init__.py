@@ -16,7 +16,7 @@ from sigma_core.decompose import LowRankResult, svd_sigma, svd_truncated
 from sigma_core.decompose import WeightedTucker2Config, ag_lra, fw_lra, weighted_tucker2
 from sigma_core.decompose import CPResult, CPSigmaConfig, cp_als, cp_als_sigma, cp_deflation_sigma
 from sigma_core.decompose import INITS
-from sigma_core.decompose import tt_break_even_rank, tt_svd, tt_tied_max_rank, tt_tied_params
+from sigma_core.decompose import tt_break_even_rank, tt_svd, tt_svd_ranks, tt_tied_max_rank, tt_tied_params
 from sigma_core.layers import CPConv, LowRank1x1Conv, LowRankLinear, Tucker2Conv, module_from_spec
 from sigma_core.metrics import rel_frob_err, rel_sigma_err, sigma_norm_sq
 from sigma_core.ranks import (
@@ -93,7 +93,7 @@ __all__ = [
 __all__ += ["CPConv", "CPResult", "CPSigmaConfig", "cp_als", "cp_als_sigma", "cp_deflation_sigma",
             "cp_rank_alpha", "cp_rank_from_fraction", "cp_vbmf_rank", "validate_cp_rank"]
 __all__ += ["INITS"]
-__all__ += ["tt_svd", "tt_tied_max_rank", "tt_break_even_rank", "tt_tied_params"]
+__all__ += ["tt_svd", "tt_svd_ranks", "tt_tied_max_rank", "tt_break_even_rank", "tt_tied_params"]
 from sigma_core.rank_search import (  # noqa: E402  (RENE rank search, pure parts)
     MixedRankConv,
     RankSearchResult,

@@ -162,6 +162,7 @@ class MixedRankConv(nn.Module):
                 if name.endswith("bias"):
                     param.requires_grad_(False)
         self.logits = nn.Parameter(torch.zeros(len(ranks), device=conv.weight.device, dtype=conv.weight.dtype))
+        self._frozen: torch.Tensor | None = None
 
     def p(self) -> torch.Tensor:
         """Coefficients ``softmax(logits)``, shape (n_candidates,)."""
@@ -172,8 +173,15 @@ class MixedRankConv(nn.Module):
         return torch.stack([b.reconstructed_kernel() for b in self.branches])
 
     def mixed_kernel(self) -> torch.Tensor:
-        """``W_mix = sum_r p_r W^(r)``, shape (T, S, H, W)."""
-        return torch.einsum("r,rtshw->tshw", self.p(), self.branch_kernels())
+        """``W_mix = sum_r p_r W^(r)``, shape (T, S, H, W) (branch kernels from :meth:`freeze_branches` if set)."""
+        kernels = self._frozen if self._frozen is not None else self.branch_kernels()
+        return torch.einsum("r,rtshw->tshw", self.p(), kernels)
+
+    def freeze_branches(self, frozen: bool = True) -> None:
+        """Use detached branch kernels until called with ``False``: the logit step differentiates the logits only,
+        so rebuilding (and back-propagating through) every branch there is wasted work."""
+        with torch.no_grad():
+            self._frozen = self.branch_kernels().detach() if frozen else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original conv with the mixed kernel (every padding mode, stride, dilation of ``conv``)."""

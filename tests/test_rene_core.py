@@ -253,3 +253,19 @@ def test_results_round_trip_json():
     with pytest.raises(ValueError):
         RankSearchResult({"a": (8,)}, "tt", (), 0.0)
     assert not math.isnan(back.seconds)
+
+
+def test_tt_svd_ranks_equals_single_calls_and_frozen_branches_same_forward():
+    from sigma_core import tt_svd_ranks
+
+    kernel = torch.randn(12, 8, 3, 3, dtype=torch.float64)
+    for many, pair in zip(tt_svd_ranks(kernel, [(2, 2), (5, 4), (12, 8)]), [(2, 2), (5, 4), (12, 8)]):
+        torch.testing.assert_close(many.reconstruct(), tt_svd(kernel, pair).reconstruct(), atol=1e-12, rtol=0)
+    conv, mixed = _mixed(CONVS[0])
+    x = torch.randn(2, conv.in_channels, 7, 7)
+    live = mixed(x)
+    mixed.freeze_branches(True)
+    torch.testing.assert_close(mixed(x), live, atol=1e-6, rtol=1e-6)
+    mixed(x).sum().backward()
+    assert mixed.logits.grad is not None and all(p.grad is None for p in mixed.branch_parameters())
+    mixed.freeze_branches(False)

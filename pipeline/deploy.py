@@ -91,6 +91,54 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def _export_verified(model: nn.Module, example: torch.Tensor, path: str | Path, fold_bn: bool, atol: float,
+                     what: str, write) -> ExportResult:
+    """Shared by the exporters: prepare, ``write(prepared, example, tmp) -> max abs error``, check, move in place.
+
+    The file is written to a temporary name beside ``path`` and moved there only once verified; anything that
+    fails leaves nothing behind and becomes one ValueError naming ``what`` and the model.
+    """
+    example = _check_example(example)
+    prepared, report = prepare_for_export(model, fold_bn=fold_bn)
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        err = write(prepared, example, tmp)
+        if not err <= atol:
+            raise ValueError(f"the {what} differs from the torch model by {err:.3g} > atol={atol:g}")
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(f"{what} of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+    return ExportResult(path, path.stat().st_size, err, report)
+
+
+def _write_onnx(prepared: nn.Module, example: torch.Tensor, tmp: Path) -> float:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(prepared, (example,), str(tmp), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    session = onnx_session(tmp)
+    err = 0.0
+    for x in (example, torch.cat([example, example[:1]])):
+        with torch.no_grad():
+            ref = prepared(x).numpy()
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        err = max(err, float(abs(out - ref).max()))
+    return err
+
+
+def _write_program(prepared: nn.Module, example: torch.Tensor, tmp: Path) -> float:
+    program = torch.export.export(prepared, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(tmp))
+    loaded = torch.export.load(str(tmp)).module()
+    with torch.no_grad():
+        x = torch.cat([example, example[:1]])
+        return float((loaded(x) - prepared(x)).abs().max())
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, fold_bn: bool = True,
                 atol: float = 1e-4) -> ExportResult:
     """Export ``model`` to ONNX with a dynamic batch axis and verify it in onnxruntime.
@@ -113,32 +161,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, fo
     ValueError
         If the exporter fails (its message is kept) or the exported model disagrees with torch beyond ``atol``.
     """
-    example = _check_example(example)
-    prepared, report = prepare_for_export(model, fold_bn=fold_bn)
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        batch = torch.export.Dim("batch", min=1)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(prepared, (example,), str(tmp), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch},))
-        session = onnx_session(tmp)
-        err = 0.0
-        for x in (example, torch.cat([example, example[:1]])):
-            with torch.no_grad():
-                ref = prepared(x).numpy()
-            out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-            err = max(err, float(abs(out - ref).max()))
-        if not err <= atol:
-            raise ValueError(f"the ONNX export differs from the torch model by {err:.3g} > atol={atol:g}")
-        os.replace(tmp, path)
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, ValueError):
-            raise
-        raise ValueError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
-    return ExportResult(path, path.stat().st_size, err, report)
+    return _export_verified(model, example, path, fold_bn, atol, "ONNX export", _write_onnx)
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: str | Path, *, fold_bn: bool = True,
@@ -147,23 +170,4 @@ def export_program(model: nn.Module, example: torch.Tensor, path: str | Path, *,
 
     Parameters and errors as for :func:`export_onnx`.
     """
-    example = _check_example(example)
-    prepared, report = prepare_for_export(model, fold_bn=fold_bn)
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        program = torch.export.export(prepared, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        torch.export.save(program, str(tmp))
-        loaded = torch.export.load(str(tmp)).module()
-        with torch.no_grad():
-            x = torch.cat([example, example[:1]])
-            err = float((loaded(x) - prepared(x)).abs().max())
-        if not err <= atol:
-            raise ValueError(f"the torch.export program differs from the model by {err:.3g} > atol={atol:g}")
-        os.replace(tmp, path)
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, ValueError):
-            raise
-        raise ValueError(f"torch.export of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
-    return ExportResult(path, path.stat().st_size, err, report)
+    return _export_verified(model, example, path, fold_bn, atol, "torch.export", _write_program)

@@ -95,7 +95,7 @@ def test_export_without_export_path_is_a_clear_error(tmp_path):
         def forward(self, x):  # leaves torch for scipy: no exporter can follow it
             return torch.from_numpy(scipy.special.expit(x.detach().numpy()))
 
-    with pytest.raises(ValueError, match="export of NumpyLayer failed"):
+    with pytest.raises(ValueError, match="ONNX export of NumpyLayer failed"):
         export_onnx(NumpyLayer(), torch.randn(2, 3, 4, 4), tmp_path / "bad.onnx", fold_bn=False)
     assert not any(tmp_path.iterdir())  # nothing half-written is left
 
